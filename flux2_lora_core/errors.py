@@ -1,0 +1,40 @@
+"""Typed errors for everything a user can get wrong.
+
+Every error raised for bad input is a `Flux2LoraError`: the CLI turns it into a one-paragraph
+message and exit code 1 instead of a traceback, and the ComfyUI nodes show the same text. Messages
+name the offending file, key or value (`!r`) and say what fixes it.
+"""
+
+from __future__ import annotations
+
+
+class Flux2LoraError(Exception):
+    """Base class: the input is unusable and the message says why and how to fix it."""
+
+
+class DatasetError(Flux2LoraError):
+    """The dataset folder (or a file in it) cannot be used."""
+
+
+class ImageError(DatasetError):
+    """One image file cannot be decoded into RGB pixels."""
+
+    def __init__(self, path, reason: str):
+        self.path = path
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+
+class ConfigError(Flux2LoraError):
+    """A configuration value is wrong. `problems` holds every (key, message) found, not just the first."""
+
+    def __init__(self, problems: list[tuple[str, str]] | str):
+        if isinstance(problems, str):
+            problems = [("", problems)]
+        self.problems = list(problems)
+        lines = [f"{key}: {msg}" if key else msg for key, msg in self.problems]
+        super().__init__("invalid configuration:\n  " + "\n  ".join(lines) if len(lines) > 1 else lines[0])
+
+
+class ModelError(Flux2LoraError):
+    """A model file or folder is missing, truncated, of the wrong kind or mismatched."""
