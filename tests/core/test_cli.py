@@ -1,0 +1,152 @@
+"""The `flux2-lora` contract, exercised as users and scripts run it: a real subprocess each time.
+
+Exit codes: 0 ok, 1 the input is unusable (message, no traceback), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from flux2_lora_core import __version__
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def flux2_lora(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "flux2_lora_core", *args], cwd=cwd or ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def make_dataset(folder: Path, n: int = 3, size: int = 640) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.new("RGB", (size, size - 64 * i), (40 * i, 90, 200)).save(folder / f"img_{i}.jpg", quality=90)
+        (folder / f"img_{i}.txt").write_text(f"a photo of thing number {i}")
+    return folder
+
+
+def assert_no_traceback(result: subprocess.CompletedProcess) -> None:
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr
+
+
+def test_version():
+    result = flux2_lora("--version")
+    assert result.returncode == 0
+    assert __version__ in result.stdout
+
+
+@pytest.mark.skipif(shutil.which("flux2-lora", path=str(Path(sys.executable).parent)) is None,
+                    reason="package not installed in this environment (scripts/test.sh installs it)")
+def test_console_script_is_installed():
+    script = shutil.which("flux2-lora", path=str(Path(sys.executable).parent))
+    result = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    for command in ("validate", "tiny-model"):
+        assert command in result.stdout
+
+
+def test_validate_usable_dataset_exits_0_with_a_table(tmp_path):
+    data = make_dataset(tmp_path / "data")
+    result = flux2_lora("validate", str(data))
+    assert result.returncode == 0, result.stdout + result.stderr
+    first_line = result.stdout.splitlines()[0]
+    assert str(data) in first_line and "NOT USABLE" not in first_line
+    assert "3 found, 3 usable, 3 with a caption" in result.stdout
+    assert "latent cache" in result.stdout
+
+
+def test_validate_json_is_machine_readable(tmp_path):
+    data = make_dataset(tmp_path / "data")
+    result = flux2_lora("validate", str(data), "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["usable"] is True
+    assert {"usable", "root", "summary", "stats", "problems"} <= report.keys()
+
+
+def test_validate_unusable_dataset_exits_1_naming_every_bad_file(tmp_path):
+    data = make_dataset(tmp_path / "data")
+    (data / "broken.png").write_bytes(b"this is not a png")
+    (data / "empty.jpg").write_bytes(b"")
+    result = flux2_lora("validate", str(data), "--json")
+    assert result.returncode == 1
+    assert_no_traceback(result)
+    report = json.loads(result.stdout)
+    assert report["usable"] is False
+    named = {p["path"] for p in report["problems"] if p["severity"] == "error"}
+    assert {"broken.png", "empty.jpg"} <= named
+    human = flux2_lora("validate", str(data))
+    assert human.returncode == 1
+    assert "broken.png" in human.stdout and "empty.jpg" in human.stdout
+
+
+def test_validate_strict_turns_warnings_into_failure(tmp_path):
+    data = make_dataset(tmp_path / "data")
+    (data / "img_0.txt").unlink()  # a missing caption is a warning
+    assert flux2_lora("validate", str(data)).returncode == 0
+    strict = flux2_lora("validate", str(data), "--strict")
+    assert strict.returncode == 1
+    assert "img_0" in strict.stdout
+
+
+def test_validate_min_images(tmp_path):
+    data = make_dataset(tmp_path / "data", n=2)
+    result = flux2_lora("validate", str(data), "--min-images", "5")
+    assert result.returncode == 1
+    assert "5" in result.stdout
+
+
+def test_validate_missing_folder_exits_1_with_a_message(tmp_path):
+    missing = tmp_path / "no_such_folder"
+    result = flux2_lora("validate", str(missing))
+    assert result.returncode == 1
+    assert_no_traceback(result)
+    assert str(missing) in result.stderr
+
+
+@pytest.mark.parametrize("args", [
+    [],
+    ["validate"],
+    ["validate", ".", "--min-images", "0"],
+    ["validate", ".", "--resolution", "1000"],
+    ["validate", ".", "--resolution", "big"],
+    ["validate", ".", "--no-such-flag"],
+    ["tiny-model", "x", "--variant", "schnell"],
+    ["no-such-command"],
+])
+def test_bad_usage_exits_2(args):
+    result = flux2_lora(*args)
+    assert result.returncode == 2, (args, result.stdout, result.stderr)
+    assert_no_traceback(result)
+    assert "usage:" in result.stderr
+
+
+def test_tiny_model_refuses_to_write_into_a_non_empty_folder(tmp_path):
+    keep = tmp_path / "mine.txt"
+    keep.write_text("user data")
+    result = flux2_lora("tiny-model", str(tmp_path))
+    assert result.returncode == 1
+    assert_no_traceback(result)
+    assert keep.read_text() == "user data"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]
+
+
+@pytest.mark.parametrize("fmt,expected", [
+    ("diffusers", ["model_index.json", "transformer", "vae", "text_encoder", "tokenizer", "scheduler"]),
+    ("comfyui", ["diffusion_models", "vae", "text_encoders", "tokenizer"]),
+])
+def test_tiny_model_writes_a_model(tmp_path, fmt, expected):
+    out = tmp_path / "tiny"
+    result = flux2_lora("tiny-model", str(out), "--variant", "klein", "--format", fmt)
+    assert result.returncode == 0, result.stderr
+    assert str(out) in result.stdout
+    assert set(expected) <= {p.name for p in out.iterdir()}
