@@ -80,6 +80,12 @@ class Dataset:
     def __len__(self) -> int:
         return len(self.items)
 
+    def __repr__(self) -> str:
+        # Short on purpose: ComfyUI echoes str() of every input in its error payloads, and the
+        # dataclass default would list every item.
+        trigger = f", trigger={self.trigger_word!r}" if self.trigger_word else ""
+        return f"Dataset({str(self.root)!r}, {len(self.items)} images{trigger})"
+
     def __iter__(self):
         return iter(self.items)
 
@@ -289,7 +295,7 @@ class _Scan:
 def _dataset_root(path) -> Path:
     text = str(path).strip().strip("\"'") if path is not None else ""
     if not text:
-        raise DatasetError("no dataset folder given: set `path` to the folder that holds the training images")
+        raise DatasetError("no dataset folder given: name the folder that holds the training images")
     root = Path(text).expanduser()
     try:
         is_dir = root.is_dir()
@@ -297,7 +303,8 @@ def _dataset_root(path) -> Path:
     except OSError as exc:
         raise DatasetError(f"cannot open dataset folder {root}: {exc.strerror or exc}: check the path") from None
     if not exists:
-        raise DatasetError(f"dataset folder {text!r} does not exist (looked for {root.absolute()}): check `path`")
+        raise DatasetError(f"dataset folder {text!r} does not exist (looked for {root.absolute()}): check the spelling, "
+                           "or give an absolute path")
     if not is_dir:
-        raise DatasetError(f"{root} is a file, not a folder: set `path` to the folder that holds the images")
+        raise DatasetError(f"{root} is a file, not a folder: give the folder that holds the images")
     return root.resolve()

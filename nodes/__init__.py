@@ -1,0 +1,20 @@
+"""The ComfyUI nodes of the pack: thin V3 wrappers, one engine call each.
+
+This package is the only code that may import ComfyUI (`comfy`, `comfy_api`, `folder_paths`,
+`server`). It is loaded relatively from the pack folder and must never be installed as a
+top-level `nodes` package, which would shadow ComfyUI's own `nodes` module.
+"""
+
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from .dataset_nodes import LoadDataset, ValidateDataset
+
+
+class Flux2LoraExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [LoadDataset, ValidateDataset]
+
+
+__all__ = ["Flux2LoraExtension"]

@@ -1,0 +1,99 @@
+"""Load Dataset and Validate Dataset: the first two nodes of every training graph.
+
+The FLUX2_DATASET socket carries the engine's `Dataset` (paths, caption sources and settings,
+no pixels), so it is cheap for ComfyUI to cache and to pass along.
+"""
+
+from __future__ import annotations
+
+import os
+
+import folder_paths
+from comfy_api.latest import io, ui
+
+from ..flux2_lora_core.dataset import load_dataset
+from ..flux2_lora_core.errors import DatasetError, Flux2LoraError
+from ..flux2_lora_core.validation import validate_dataset
+
+CATEGORY = "FLUX.2 LoRA"
+Dataset = io.Custom("FLUX2_DATASET")
+
+
+def resolve_folder(folder: str) -> str:
+    """A relative folder is looked up in ComfyUI's input directory, where users upload files."""
+    text = folder.strip().strip("\"'")  # quotes come along with "Copy as path"
+    if not text:
+        raise DatasetError("`folder` is empty: give the dataset folder, absolute or relative to ComfyUI's input directory")
+    path = os.path.expanduser(text)
+    relative = not os.path.isabs(path)
+    if relative:
+        path = os.path.join(folder_paths.get_input_directory(), path)
+    if not os.path.exists(path):
+        where = " in ComfyUI's input directory" if relative else ""
+        raise DatasetError(f"dataset folder {text!r} not found{where} (looked for {path}): create it and put the "
+                           "training images there, or set `folder` to an existing folder")
+    return path
+
+
+class LoadDataset(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="Flux2LoraLoadDataset",
+            display_name="Load Dataset (FLUX.2 LoRA)",
+            category=CATEGORY,
+            description="A folder of images with sidecar captions or a metadata.jsonl; kohya-style N_name folders repeat their images N times.",
+            inputs=[
+                io.String.Input("folder", default="", placeholder="my_dataset (in ComfyUI/input) or an absolute path", tooltip="Dataset folder: absolute, or relative to ComfyUI's input directory."),
+                io.String.Input("caption_extensions", default="txt", tooltip="Sidecar caption extensions, comma-separated, first match wins."),
+                io.String.Input("trigger_word", default="", tooltip="Prepended to every caption ('trigger, caption')."),
+                io.Int.Input("repeats", default=1, min=1, max=1000, tooltip="Times each image is seen per epoch (multiplies N_name folder repeats)."),
+                io.Boolean.Input("recursive", default=True, tooltip="Also scan sub-folders."),
+            ],
+            outputs=[Dataset.Output(display_name="dataset")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, folder, caption_extensions, trigger_word, repeats, recursive):
+        # Re-run when files in the folder change, not only when the widgets do. Sizes and mtimes (plus
+        # every caption) are enough to notice an edit and cost no image reads on each queue.
+        try:
+            return cls._load(folder, caption_extensions, trigger_word, repeats, recursive).fingerprint(content=False)
+        except (Flux2LoraError, OSError):
+            return float("nan")  # execute reports the problem
+
+    @classmethod
+    def execute(cls, folder, caption_extensions, trigger_word, repeats, recursive) -> io.NodeOutput:
+        return io.NodeOutput(cls._load(folder, caption_extensions, trigger_word, repeats, recursive))
+
+    @staticmethod
+    def _load(folder, caption_extensions, trigger_word, repeats, recursive):
+        return load_dataset(resolve_folder(folder), caption_extensions=caption_extensions,
+                            trigger_word=trigger_word, repeats=repeats, recursive=recursive)
+
+
+class ValidateDataset(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="Flux2LoraValidateDataset",
+            display_name="Validate Dataset (FLUX.2 LoRA)",
+            category=CATEGORY,
+            description="Checks every image and caption at once and stops the graph with a full report if the dataset is unusable.",
+            inputs=[
+                Dataset.Input("dataset"),
+                io.Boolean.Input("strict", default=False, tooltip="Treat warnings (missing captions, small images, duplicates) as errors."),
+                io.Int.Input("min_images", default=1, min=1, max=100000),
+                io.Int.Input("resolution", default=1024, min=256, max=4096, step=64, tooltip="Training resolution, for bucket and cache-size statistics."),
+            ],
+            outputs=[Dataset.Output(display_name="dataset"), io.String.Output(display_name="report")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, dataset, strict, min_images, resolution) -> io.NodeOutput:
+        report = validate_dataset(dataset, strict=strict, min_images=min_images, resolution=resolution)
+        text = report.format_text()
+        if not report.usable:
+            raise DatasetError(f"the dataset is not usable for training:\n{text}")
+        return io.NodeOutput(dataset, text, ui=ui.PreviewText(text))

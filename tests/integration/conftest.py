@@ -1,0 +1,245 @@
+"""One real ComfyUI server per test session, with this pack installed the way users install it.
+
+COMFYUI_DIR names a ComfyUI checkout whose Python dependencies are importable by the Python running
+pytest (see comfyui_launcher.py for the torchvision/torchaudio shims a CPU-only torch needs). Without
+it, or when that checkout cannot start here (no main.py, missing dependencies), every test in this
+folder is reported as skipped with the reason. A server that starts but never answers is a failure,
+with its log in the message.
+
+The server gets a fresh base directory (custom_nodes, input, output, user, temp), the pack as a
+symlink named like a user's clone (with a hyphen: "ComfyUI-Flux2-LoRA"), a free port on 127.0.0.1,
+an in-memory database, no API nodes and offline model hubs. It is stopped by its PID at the end.
+
+Helpers are fixtures (tests cannot import a conftest under --import-mode=importlib).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+LAUNCHER = HERE / "comfyui_launcher.py"
+PACK_FOLDER = "ComfyUI-Flux2-LoRA"  # what users clone it as; the hyphen makes it no valid module name
+STARTUP_TIMEOUT_S = 120  # ~12 s on a laptop; first start after install compiles bytecode
+REQUEST_TIMEOUT_S = 30
+LOOPBACK = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # 127.0.0.1 only, never via a proxy
+# What ComfyUI's main.py imports before it can serve anything (requirements.txt, minus the optional).
+SERVER_MODULES = ("torch", "torchvision", "torchaudio", "aiohttp", "yarl", "sqlalchemy", "alembic", "av",
+                  "safetensors", "einops", "transformers", "scipy", "psutil", "PIL", "yaml", "blake3",
+                  "simpleeval", "comfy_kitchen", "comfy_aimdo", "comfyui_frontend_package")
+
+
+def _unavailable_reason() -> str | None:
+    """Why no ComfyUI can be started here, or None when one can."""
+    root = os.environ.get("COMFYUI_DIR", "").strip()
+    if not root:
+        return "COMFYUI_DIR is not set: point it at a ComfyUI checkout to run the real-server tests"
+    if not (Path(root) / "main.py").is_file():
+        return f"COMFYUI_DIR={root!r} is not a ComfyUI checkout (no main.py there)"
+    missing = [name for name in SERVER_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        return (f"ComfyUI at {root} cannot start with {sys.executable}: missing {', '.join(missing)} "
+                f"(pip install -r {root}/requirements.txt, keeping your torch)")
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    mine = [item for item in items if HERE in Path(item.path).resolve().parents]
+    reason = _unavailable_reason() if mine else None
+    for item in mine:
+        item.add_marker(pytest.mark.integration)
+        if reason:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Server:
+    """A running ComfyUI: its URL, folders and log, and small JSON helpers over its HTTP API."""
+
+    url: str
+    base: Path
+    log_path: Path
+    process: subprocess.Popen
+    client_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    @property
+    def input_dir(self) -> Path:
+        return self.base / "input"
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def request(self, path: str, data: dict | None = None) -> tuple[int, bytes]:
+        body = None if data is None else json.dumps(data).encode()
+        req = urllib.request.Request(self.url + path, data=body, headers={"Content-Type": "application/json"})
+        try:
+            with LOOPBACK.open(req, timeout=REQUEST_TIMEOUT_S) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as err:
+            return err.code, err.read()
+
+    def get_json(self, path: str):
+        status, body = self.request(path)
+        assert status == 200, f"GET {path}: HTTP {status}: {body[:2000]!r}"
+        return json.loads(body)
+
+    def queue(self, prompt: dict) -> str:
+        """POST /prompt; returns the prompt id (fails the test on a validation error)."""
+        status, body = self.request("/prompt", {"prompt": prompt, "client_id": self.client_id})
+        assert status == 200, f"POST /prompt: HTTP {status}: {body.decode(errors='replace')[:4000]}"
+        return json.loads(body)["prompt_id"]
+
+    def wait(self, prompt_id: str, timeout: float = 120) -> dict:
+        """The /history entry of a prompt once it has finished (successfully or not)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            entry = self.get_json(f"/history/{prompt_id}").get(prompt_id)
+            if entry and entry.get("status", {}).get("completed") is not None and entry["status"].get("status_str"):
+                return entry
+            assert self.process.poll() is None, f"ComfyUI exited while running {prompt_id}:\n{self.log()[-6000:]}"
+            time.sleep(0.1)
+        raise AssertionError(f"prompt {prompt_id} did not finish in {timeout} s:\n{self.log()[-6000:]}")
+
+    def run(self, prompt: dict, timeout: float = 120) -> dict:
+        return self.wait(self.queue(prompt), timeout)
+
+
+@pytest.fixture(scope="session")
+def comfyui(tmp_path_factory) -> Server:
+    base = tmp_path_factory.mktemp("comfyui-base")
+    for folder in ("custom_nodes", "input", "output", "temp", "user"):
+        (base / folder).mkdir()
+    (base / "custom_nodes" / PACK_FOLDER).symlink_to(REPO, target_is_directory=True)
+    port = _free_port()
+    command = [sys.executable, "-u", str(LAUNCHER), os.environ["COMFYUI_DIR"], "--cpu", "--listen", "127.0.0.1",
+               "--port", str(port), "--base-directory", str(base), "--disable-api-nodes",
+               "--database-url", "sqlite:///:memory:", "--disable-auto-launch"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the repo root would shadow ComfyUI's nodes.py
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", DO_NOT_TRACK="1",
+               PYTHONUNBUFFERED="1")
+    log_path = base / "server.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, cwd=base, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
+    server = Server(f"http://127.0.0.1:{port}", base, log_path, process)
+    try:
+        _wait_until_ready(server)
+        yield server
+    finally:
+        _stop(process)
+
+
+def _wait_until_ready(server: Server) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            pytest.fail(f"ComfyUI exited with code {server.process.returncode} before answering "
+                        f"GET /system_stats; its log:\n{server.log()[-8000:]}", pytrace=False)
+        try:
+            with LOOPBACK.open(server.url + "/system_stats", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.25)
+    pytest.fail(f"ComfyUI did not answer GET /system_stats within {STARTUP_TIMEOUT_S} s; its log:\n"
+                f"{server.log()[-8000:]}", pytrace=False)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=15)
+
+
+@pytest.fixture(scope="session")
+def object_info(comfyui) -> dict:
+    return comfyui.get_json("/object_info")
+
+
+@pytest.fixture
+def make_dataset(comfyui):
+    """make_dataset(name, count=3, size=(640, 512)) -> Path of <base>/input/<name> with captioned PNGs.
+
+    Every image is seeded noise (no two alike, so no duplicate warnings) with a `.txt` caption.
+    """
+    from PIL import Image
+
+    def make(name: str, count: int = 3, size=(640, 512)) -> Path:
+        folder = comfyui.input_dir / name
+        folder.mkdir(parents=True)
+        rng = random.Random(name)
+        for i in range(count):
+            pixels = bytes(rng.getrandbits(8) for _ in range(size[0] * size[1] * 3 // 64))
+            image = Image.frombytes("RGB", (size[0] // 8, size[1] // 8), pixels).resize(size, Image.NEAREST)
+            image.save(folder / f"img_{i:02d}.png")
+            (folder / f"img_{i:02d}.txt").write_text(f"a photo of subject number {i}", encoding="utf-8")
+        return folder
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def to_api_prompt(object_info):
+    """to_api_prompt(ui_workflow) -> API-format prompt, the way the frontend's "Queue" converts a graph.
+
+    Each node's widgets_values are laid onto its widget inputs in /object_info's input_order (an INT/
+    FLOAT with control_after_generate, e.g. a seed, carries one extra UI-only value); linked inputs
+    become [source node id, source slot].
+    """
+    def widget_names(info: dict) -> list[tuple[str, bool]]:
+        names = []
+        for section in ("required", "optional"):
+            for name in info.get("input_order", {}).get(section, []):
+                kind, options = (info["input"][section][name] + [{}])[:2]
+                is_widget = isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+                if is_widget:
+                    names.append((name, bool(options.get("control_after_generate"))))
+        return names
+
+    def convert(workflow: dict) -> dict:
+        links = {link[0]: link for link in workflow["links"]}
+        prompt = {}
+        for node in workflow["nodes"]:
+            if node.get("mode", 0) in (2, 4):  # muted / bypassed
+                continue
+            info = object_info[node["type"]]
+            inputs, values = {}, list(node.get("widgets_values") or [])
+            for name, has_control in widget_names(info):
+                if values:
+                    inputs[name] = values.pop(0)
+                    if has_control and values:
+                        values.pop(0)
+            for socket_ in node.get("inputs", []):
+                if socket_.get("link") is not None:
+                    link = links[socket_["link"]]
+                    inputs[socket_["name"]] = [str(link[1]), link[2]]
+            prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+        return prompt
+
+    return convert
