@@ -8,6 +8,7 @@ different shapes instead of all being cropped square.
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass
 
 from .errors import ConfigError
@@ -69,3 +70,23 @@ def fit_to_bucket(width: int, height: int, bucket: tuple[int, int]) -> Fit:
     sw, sh = max(bw, round(width * scale)), max(bh, round(height * scale))
     left, top = (sw - bw) // 2, (sh - bh) // 2
     return Fit((sw, sh), (left, top, left + bw, top + bh))
+
+
+def bucket_batches(groups: dict, repeats, batch_size: int, *, seed: int, epoch: int) -> list[list[int]]:
+    """One epoch of batches, each from a single bucket: every index appears `repeats[index]` times.
+
+    The transformer reads one set of position ids per batch, so a batch can never mix sizes. Within a
+    bucket the samples are shuffled, then cut into batches (the last one may be smaller: no image is
+    dropped); the batches of all buckets are then shuffled together. The result is a pure function of
+    (groups, repeats, batch_size, seed, epoch), so a resumed run replays the same order.
+    """
+    if batch_size < 1:
+        raise ConfigError([("train.batch_size", f"{batch_size!r} must be at least 1")])
+    rng = random.Random(f"{seed}:{epoch}")
+    batches = []
+    for bucket in sorted(groups):
+        samples = [index for index in groups[bucket] for _ in range(repeats[index])]
+        rng.shuffle(samples)
+        batches += [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
+    rng.shuffle(batches)
+    return batches

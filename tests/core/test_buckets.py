@@ -86,3 +86,21 @@ def test_fit_scales_to_cover_then_crops_the_centre():
         assert sw >= bucket[0] and sh >= bucket[1] and (sw == bucket[0] or sh == bucket[1])  # smallest cover
         assert 0 <= left <= sw - bucket[0] - left <= left + 1 and 0 <= top <= sh - bucket[1] - top <= top + 1
         assert abs(sw / sh - w / h) <= max(1 / sh, 1 / sw) * (w / h + 1)  # the aspect ratio is kept
+
+
+def test_bucket_batches_never_mix_buckets_and_keep_every_repeat():
+    from collections import Counter
+
+    from flux2_lora_core.buckets import bucket_batches
+
+    groups = {(64, 64): [0, 1, 2, 3, 4], (48, 80): [5, 6], (80, 48): [7]}
+    repeats = [1, 1, 1, 1, 3, 2, 1, 1]
+    batches = bucket_batches(groups, repeats, 2, seed=7, epoch=0)
+    where = {i: b for b, members in groups.items() for i in members}
+    for batch in batches:
+        assert 1 <= len(batch) <= 2 and len({where[i] for i in batch}) == 1, batch
+    assert Counter(i for batch in batches for i in batch) == {i: r for i, r in enumerate(repeats)}
+    assert batches == bucket_batches(groups, repeats, 2, seed=7, epoch=0)  # a resumed run replays it
+    assert batches != bucket_batches(groups, repeats, 2, seed=7, epoch=1)
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        bucket_batches(groups, repeats, 0, seed=0, epoch=0)
