@@ -30,6 +30,10 @@ MAX_SEQUENCE_LENGTH = 512  # prompt length both programs pad (or truncate, diffu
 COMFYUI_DEV_TEMPLATE = ("[SYSTEM_PROMPT]You are an AI that reasons about image descriptions. You give structured "
                         "responses focusing on object relationships, object\nattribution and actions without "
                         "speculation.[/SYSTEM_PROMPT][INST]{}[/INST]")
+# ComfyUI's [klein] prompt: what Qwen3's chat template renders with enable_thinking=False. Using the
+# literal string means any Qwen2/Qwen3 tokenizer works, with or without a chat template (ComfyUI's
+# bundled comfy/text_encoders/qwen25_tokenizer has none).
+COMFYUI_KLEIN_TEMPLATE = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
 
 
 def check_mode(family: str, mode: str) -> None:
@@ -134,8 +138,11 @@ def tokenize_prompts(tokenizer, prompts: list[str], *, family: str, mode: str) -
     else:  # klein, both programs: the chat template, padded on the right to 512 with <|endoftext|> (encoded)
         rows = []
         for prompt in prompts:
-            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                 add_generation_prompt=True, enable_thinking=False)
+            if mode == "diffusers":  # Flux2KleinPipeline._get_qwen3_prompt_embeds
+                text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                     add_generation_prompt=True, enable_thinking=False)
+            else:
+                text = COMFYUI_KLEIN_TEMPLATE.format(prompt)
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             if mode == "diffusers":
                 ids = ids[:MAX_SEQUENCE_LENGTH]  # diffusers truncates; ComfyUI keeps every token
