@@ -32,6 +32,7 @@ from .buckets import assign_bucket
 from .cache_index import (CACHE_FORMAT_VERSION, INDEX, CachedItem, CacheSettings, CacheSummary, LatentCache,
                           index_of, open_latent_cache)
 from .cache_store import VERIFY_MODES, ShardStore, write_atomically
+from .config import default_cache_dir
 from .encoding import check_mode, encode_images, encode_prompts, image_to_pixels
 from .errors import ConfigError, DatasetError, Flux2LoraError
 from .images import file_sha256, load_image_rgb, probe_image
@@ -41,13 +42,6 @@ log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------- build
-def default_cache_dir() -> Path:
-    if os.environ.get("FLUX2_LORA_CACHE"):
-        return Path(os.environ["FLUX2_LORA_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "flux2-lora"
-
-
 def dataset_cache_root(cache_dir, dataset) -> Path:
     """One folder per dataset location, named so users can tell which is which."""
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", dataset.root.name)[:40] or "dataset"
@@ -226,5 +220,4 @@ def _encode_captions(encoders, captions, store, family, settings, batch_size, pr
     return empty_key
 
 
-__all__ = ["CacheSettings", "CacheSummary", "CachedItem", "LatentCache", "build_latent_cache", "default_cache_dir",
-           "open_latent_cache"]
+__all__ = ["CacheSettings", "CacheSummary", "CachedItem", "LatentCache", "build_latent_cache", "open_latent_cache"]
