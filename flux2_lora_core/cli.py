@@ -75,6 +75,54 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class _ProgressBars:
+    """The engine's progress(phase, done, total) callbacks as terminal bars with items/s and ETA."""
+
+    def __init__(self):
+        self.bars = {}
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        bar = self.bars.get(phase)
+        if bar is None:
+            bar = self.bars[phase] = tqdm(total=total, desc=phase, unit="item", mininterval=0.5, file=sys.stderr)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for bar in self.bars.values():
+            bar.close()
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from .config import check_paths, load_config
+    from .dataset import load_dataset
+    from .encoders import open_encoders
+    from .latent_cache import CacheSettings, build_latent_cache
+
+    config = load_config(args.config, args.overrides)
+    problems = check_paths(config, needs=("model", "data"))
+    if problems:
+        raise ConfigError(problems)
+    data = config.data
+    dataset = load_dataset(data.path, caption_extensions=data.caption_extensions, trigger_word=data.trigger_word,
+                           repeats=data.repeats, recursive=data.recursive)
+    encoders = open_encoders(config.model)
+    settings = CacheSettings(resolutions=data.resolution, buckets=data.buckets, max_aspect=data.max_aspect,
+                             flip=data.flip, text_conditioning=config.model.text_conditioning)
+    with _ProgressBars() as progress:
+        cache = build_latent_cache(dataset, encoders, settings, cache_dir=config.cache.resolved_dir,
+                                   batch_size=config.cache.batch_size, verify=config.cache.verify, progress=progress)
+    print(f"cached {len(cache)} images of {dataset.root} in {cache.root}")
+    print(cache.summary.format_text())
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flux2-lora", description="Train FLUX.2 LoRAs: validate datasets, build test models, and more.")
@@ -99,6 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["flux2-dev", "flux2-klein-4b", "flux2-klein-9b"],
                    help="model whose text-embedding size sizes the projected cache (default flux2-klein-4b)")
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("cache", help="encode every image and caption once into the on-disk latent cache",
+                       description="Build or update the latent cache for a dataset and model: unchanged items are "
+                                   "reused, changed ones re-encoded, damaged shards rebuilt. Settings come from "
+                                   "--config and/or key=value overrides (e.g. model.path=... data.path=... "
+                                   "data.resolution=512,1024).")
+    p.add_argument("--config", metavar="FILE", help="a YAML config file")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="settings, applied after the file")
+    p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("tiny-model", help="write a tiny random-weight FLUX.2 model for tests and demos",
                        description="Build a seeded, randomly initialised, tiny FLUX.2 model offline and write it.")

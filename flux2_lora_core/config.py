@@ -51,12 +51,17 @@ def _caption_extensions(value: tuple[str, ...]) -> tuple[str, ...]:
         raise ValueError(exc.problems[0][1]) from None
 
 
+MIN_RESOLUTION, MAX_RESOLUTION = 64, 4096
+
+
 def _resolutions(values: tuple[int, ...]) -> tuple[int, ...]:
     if not values:
         raise ValueError("give at least one resolution, e.g. 1024")
-    bad = [v for v in values if v % 16 or not 256 <= v <= 4096]
+    # 64 px is far too small for a real model but is what the tiny CPU models (tests, the demo) train at.
+    bad = [v for v in values if v % 16 or not MIN_RESOLUTION <= v <= MAX_RESOLUTION]
     if bad:
-        raise ValueError(f"{', '.join(map(repr, bad))}: each resolution must be a multiple of 16 between 256 and 4096")
+        raise ValueError(f"{', '.join(map(repr, bad))}: each resolution must be a multiple of 16 between "
+                         f"{MIN_RESOLUTION} and {MAX_RESOLUTION}")
     twice = sorted({v for v in values if values.count(v) > 1})
     if twice:
         raise ValueError(f"{', '.join(map(repr, twice))} listed twice: give each resolution once")
@@ -102,7 +107,7 @@ class DataConfig(_Section):
     repeats: int = option(1, "times each image is seen per epoch", min=1)
     recursive: bool = option(True, "also read images in sub-folders")
     resolution: tuple[int, ...] = option((1024,), "a resolution or a schedule [512, 1024] (each is cached); "
-                                         "multiples of 16 in 256..4096", check=_resolutions)
+                                         "multiples of 16 in 64..4096", check=_resolutions)
     buckets: bool = option(True, "aspect-ratio buckets; false: centre square crops")
     max_aspect: float = option(4.0, "widest bucket's long/short side ratio", min=1)
     flip: bool = option(False, "random horizontal flips (both orientations are cached)")

@@ -57,24 +57,12 @@ def source_fingerprint(*paths, extra=None) -> str:
     return digest.hexdigest()
 
 
-def weights_fingerprint(module) -> str:
-    """SHA-256 over every tensor's name, shape, dtype and up to 256 evenly spaced values."""
-    import torch
-
-    digest = hashlib.sha256()
-    with torch.no_grad():
-        for name, tensor in sorted(module.state_dict().items()):
-            flat = tensor.detach().reshape(-1)
-            picks = flat[:: max(1, flat.numel() // 256)][:256].to("cpu")
-            digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}\n".encode())
-            digest.update(picks.contiguous().view(torch.uint8).numpy().tobytes() if picks.numel() else b"")
-    return digest.hexdigest()
-
-
 class LoadedEncoders:
     """Encoders already in memory (tests, the demo, a ComfyUI graph that loaded them): never released here."""
 
     def __init__(self, vae, text_encoder, tokenizer, family: str):
+        from .models import weights_fingerprint
+
         self.family = family
         self._vae, self._text = vae, (text_encoder, tokenizer)
         self._fingerprints = {"vae": weights_fingerprint(vae),
@@ -138,3 +126,14 @@ class FileEncoders:
             yield model, tokenizer
         finally:
             release(model)
+
+
+def open_encoders(model) -> FileEncoders:
+    """FileEncoders for a `model` config section: locations resolved, family read from the transformer's
+    config or header, device and dtype chosen; nothing loaded yet."""
+    from .models import choose_device, choose_dtype, probe_variant, resolve_sources
+
+    sources = resolve_sources(model.path, vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer)
+    family = probe_variant(sources.transformer, model.variant).family
+    device = choose_device(model.device)
+    return FileEncoders(sources, family, dtype=choose_dtype(model.dtype, device), device=device)

@@ -119,7 +119,7 @@ def build_latent_cache(dataset, encoders, settings: CacheSettings = CacheSetting
         summary.seconds = time.perf_counter() - started
         cache = LatentCache(root, items, family, settings, latents, texts, empty_key, summary)
         write_atomically(root / INDEX, json.dumps(index_of(cache), indent=1).encode())
-    log.info("latent cache %s: %s", root, summary.format_text())
+    log.debug("latent cache %s: %s", root, summary.format_text())
     return cache
 
 

@@ -150,3 +150,24 @@ def test_tiny_model_writes_a_model(tmp_path, fmt, expected):
     assert result.returncode == 0, result.stderr
     assert str(out) in result.stdout
     assert set(expected) <= {p.name for p in out.iterdir()}
+
+
+def test_cache_encodes_once_then_reuses_and_reports_bad_settings(tmp_path):
+    assert flux2_lora("tiny-model", str(tmp_path / "tiny"), "--variant", "dev").returncode == 0
+    data = make_dataset(tmp_path / "data", size=192)
+    (tmp_path / "cache.yaml").write_text(f"model:\n  path: {tmp_path / 'tiny'}\ndata:\n  path: {data}\n"
+                                         f"  resolution: 64\ncache:\n  dir: {tmp_path / 'cache'}\n")
+    first = flux2_lora("cache", "--config", str(tmp_path / "cache.yaml"))
+    assert first.returncode == 0, first.stderr
+    assert "latents: 3 encoded, 0 reused; captions: 4 encoded" in first.stdout
+    assert "item/s" in first.stderr  # the progress bar: rate and ETA
+    second = flux2_lora("cache", "--config", str(tmp_path / "cache.yaml"), "data.flip=true")
+    assert second.returncode == 0, second.stderr
+    assert "latents: 3 encoded, 3 reused; captions: 0 encoded, 4 reused" in second.stdout  # only the mirrored
+    bad = flux2_lora("cache", "--config", str(tmp_path / "cache.yaml"), "data.resolutoin=512", "cache.batch_size=0",
+                     "model.dtype=fp12")
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    for key in ("data.resolutoin", "did you mean `data.resolution`", "cache.batch_size", "model.dtype"):
+        assert key in bad.stderr
+    missing = flux2_lora("cache", f"data.path={data}", f"model.path={tmp_path / 'nowhere'}")
+    assert missing.returncode == 1 and "model.path" in missing.stderr and "Traceback" not in missing.stderr

@@ -195,7 +195,7 @@ def test_out_of_range_and_bad_choices():
                                 "model.device=gpu", "cache.verify=none",
                                 "model.text_conditioning=kohya", "output.name=a/b", "data.caption_extensions=png"])
     assert found["data.repeats"] == "must be at least 1, got 0" and "-2" in found["cache.batch_size"]
-    assert "0.5" in found["data.max_aspect"] and "multiple of 16 between 256 and 4096" in found["data.resolution"]
+    assert "0.5" in found["data.max_aspect"] and "multiple of 16 between 64 and 4096" in found["data.resolution"]
     assert found["model.variant"].startswith("'Klein' is not one of auto, flux2-dev, flux2-klein-4b, flux2-klein-9b")
     assert "(or dev, klein-4b, klein-9b)" in found["model.variant"]
     assert "auto, bf16, fp16, fp32" in found["model.dtype"] and "cuda:N" in found["model.device"]

@@ -239,3 +239,37 @@ def test_unreadable_images_are_skipped_with_the_reason(pipes, dataset_dir, tmp_p
         (dataset_dir / name).write_bytes(b"")
     with pytest.raises(DatasetError, match="no image"):
         build(dataset_dir, LoadedEncoders.from_pipeline(pipes["klein"], "klein"), tmp_path)
+
+
+def _live(cls) -> int:
+    import gc
+
+    gc.collect()
+    return sum(isinstance(o, cls) for o in gc.get_objects())
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "comfyui"])
+def test_encoders_from_files_load_only_to_encode_and_match_the_pipeline(pipes, dataset_dir, tmp_path, fmt):
+    from diffusers import AutoencoderKLFlux2
+
+    from flux2_lora_core.config import ModelConfig
+    from flux2_lora_core.encoders import open_encoders
+    from flux2_lora_core.tiny_models import COMFYUI_FILES, write_tiny_model
+
+    write_tiny_model(tmp_path / "model", "klein", fmt=fmt)
+    if fmt == "diffusers":
+        model = ModelConfig(path=str(tmp_path / "model"))
+    else:
+        files = {part: str(tmp_path / "model" / name) for part, name in COMFYUI_FILES["klein"].items()}
+        model = ModelConfig(path=files["transformer"], vae=files["vae"], text_encoder=files["text_encoder"],
+                            tokenizer=files["tokenizer"])
+    encoders = open_encoders(model)
+    assert encoders.family == "klein"
+    vaes = _live(AutoencoderKLFlux2)
+    cache = build(dataset_dir, encoders, tmp_path, text_conditioning="diffusers")
+    assert _live(AutoencoderKLFlux2) == vaes  # released before build returns: training holds no encoder
+    reference = build(dataset_dir, LoadedEncoders.from_pipeline(pipes["klein"], "klein"), tmp_path / "ref",
+                      text_conditioning="diffusers")
+    for i in range(len(cache)):  # the same seed's weights, read from files: the same tensors
+        assert torch.equal(cache.latent(i, RES), reference.latent(i, RES))
+        assert torch.equal(cache.text(i), reference.text(i))
