@@ -27,6 +27,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
+from .errors import Flux2LoraError
+from .images import file_sha256
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
@@ -59,14 +62,6 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class ShardStore:
@@ -137,8 +132,13 @@ class ShardStore:
         wanted = {key for key, e in self.entries.items() if e["shard"] == name}
         if not wanted <= present:
             return f"{len(wanted - present)} tensors missing"
-        if full and file_sha256(path) != info["sha256"]:
-            return "SHA-256 mismatch: the file's bytes changed"
+        if full:
+            try:
+                digest = file_sha256(path)
+            except Flux2LoraError as exc:
+                return f"unreadable ({exc})"
+            if digest != info["sha256"]:
+                return "SHA-256 mismatch: the file's bytes changed"
         return None
 
     def get(self, key: str) -> torch.Tensor:

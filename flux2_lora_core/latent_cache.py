@@ -33,6 +33,7 @@ from .cache_index import (CACHE_FORMAT_VERSION, INDEX, CachedItem, CacheSettings
                           index_of, open_latent_cache)
 from .cache_store import VERIFY_MODES, ShardStore, write_atomically
 from .config import default_cache_dir
+from .devices import free_memory
 from .encoding import check_mode, encode_images, encode_prompts, image_to_pixels
 from .errors import ConfigError, DatasetError, Flux2LoraError
 from .images import file_sha256, load_image_rgb, probe_image
@@ -109,7 +110,8 @@ def build_latent_cache(dataset, encoders, settings: CacheSettings = CacheSetting
         items, captions, todo = _plan(dataset, settings, latents, summary)
         _encode_latents(dataset, encoders, todo, latents, batch_size, progress, summary)
         empty_key = _encode_captions(encoders, captions, texts, family, settings, batch_size, progress, summary)
-        items = [item for item in items if item.path not in {path for path, _ in summary.skipped}]
+        skipped = {path for path, _ in summary.skipped}
+        items = [item for item in items if item.path not in skipped]
         if not items:
             raise DatasetError(f"no image of {dataset.root} could be cached:\n  "
                                + "\n  ".join(f"{p}: {r}" for p, r in summary.skipped[:20]))
@@ -127,6 +129,7 @@ def _plan(dataset, settings, latents, summary):
     """Items with their entry keys, the captions to look up, and the missing latents by bucket."""
     memo = latents.extra.setdefault("files", {})
     items, captions, planned = [], {}, set()
+    bucket_lists = {resolution: settings.bucket_list(resolution) for resolution in settings.resolutions}
     todo = defaultdict(list)  # (resolution, bucket) -> [(item index in dataset, keys)]
     for index, item in enumerate(dataset.items):
         rel = dataset.relative_path(item)
@@ -140,7 +143,7 @@ def _plan(dataset, settings, latents, summary):
         captions[caption_key] = caption
         buckets, keys = {}, {}
         for resolution in settings.resolutions:
-            bucket = assign_bucket(width, height, settings.bucket_list(resolution))
+            bucket = assign_bucket(width, height, bucket_lists[resolution])
             flips = (False, True) if settings.flip else (False,)
             keys[resolution] = tuple(f"{digest}:{resolution}:{bucket[0]}x{bucket[1]}:{'flip' if f else 'plain'}"
                                      for f in flips)
@@ -191,8 +194,7 @@ def _encode_with_backoff(vae, pixels: torch.Tensor) -> torch.Tensor:
     except torch.OutOfMemoryError:
         if len(pixels) == 1:
             raise
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_memory()
         half = len(pixels) // 2
         log.warning("out of memory encoding %d images at once: retrying in halves (lower cache.batch_size)",
                     len(pixels))

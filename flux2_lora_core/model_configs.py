@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass, field
 from math import gcd
 
+from .encoding import TEXT_LAYERS
 from .errors import ModelError
 from .model_files import count_blocks, identify
 from .tiny_models import shipped_config
@@ -24,7 +25,6 @@ log = logging.getLogger(__name__)
 SHIPPED = {"flux2-dev": "dev", "flux2-klein-4b": "klein", "flux2-klein-9b": "klein"}
 FAMILY_CONFIG = {"dev": "flux2-dev", "klein": "flux2-klein-4b"}
 # The text-encoder hidden states each family's pipeline stacks into its prompt embedding.
-TEXT_LAYERS = {"dev": (10, 20, 30), "klein": (9, 18, 27)}
 TEXT_ENCODERS = {"dev": "Mistral Small 3.x", "klein": "Qwen3"}
 # What tells models apart; everything else in a config is shared by all FLUX.2 transformers.
 IDENTITY = ("num_layers", "num_single_layers", "num_attention_heads", "attention_head_dim", "joint_attention_dim",

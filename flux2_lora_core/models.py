@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .devices import align_cpu_tensors, choose_device, choose_dtype, release, with_oom_retry
+from .encoding import FAMILIES
 from .errors import ConfigError, ModelError
 from .model_configs import (
     SHIPPED,
@@ -48,7 +49,6 @@ __all__ = ["ModelSources", "Variant", "check_compatible", "choose_device", "choo
 
 log = logging.getLogger(__name__)
 
-FAMILIES = ("dev", "klein")
 _TEXT_FAMILY = {"qwen3": "klein", "mistral3": "dev", "mistral": "dev"}  # transformers model_type -> family
 _MISTRAL_HF_PREFIXES = ("model.language_model.", "language_model.model.")
 _NOT_WEIGHTS = ("tekken_model", "tokenizer_json", "spiece_model", "lm_head.weight", "model.lm_head.weight")

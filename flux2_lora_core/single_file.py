@@ -16,6 +16,7 @@ import re
 from typing import TYPE_CHECKING
 
 from .errors import ConfigError, ModelError
+from .model_files import count_blocks
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -164,18 +165,13 @@ _LDM_ATTN_WEIGHT = re.compile(r"(encoder|decoder)\.mid\.attn_1\.(q|k|v|proj_out)
 _VAE_PREFIXES = ("first_stage_model.", "vae.")
 
 
-def _count_blocks(keys, prefix: str) -> int:
-    found = {int(k[len(prefix):].split(".")[0]) for k in keys if k.startswith(prefix)}
-    return max(found) + 1 if found else 0
-
-
 def vae_to_bfl(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     """diffusers `AutoencoderKLFlux2` weights -> the LDM layout of BFL's and ComfyUI's flux2-vae.safetensors.
 
     ComfyUI's VAE loader recognises FLUX.2 by `bn.running_mean` and builds LDM attention from 1x1
     convolutions, so the attention projections become (C, C, 1, 1) conv weights.
     """
-    n_up = _count_blocks(state_dict, "decoder.up_blocks.")
+    n_up = count_blocks(state_dict, "decoder.up_blocks.")
     out = _rename(state_dict, _VAE_RENAMES, "diffusers FLUX.2 VAE", n_up)
     for key, tensor in out.items():
         if _LDM_ATTN_WEIGHT.fullmatch(key) and tensor.ndim == 2:
@@ -195,7 +191,7 @@ def vae_to_diffusers(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     aliases = {"encoder.quant_conv.": "quant_conv.", "decoder.post_quant_conv.": "post_quant_conv."}
     state_dict = {next((new + k[len(old):] for old, new in aliases.items() if k.startswith(old)), k): v
                   for k, v in state_dict.items()}
-    n_up = _count_blocks(state_dict, "decoder.up.")
+    n_up = count_blocks(state_dict, "decoder.up.")
     out = _rename(state_dict, [(ldm, diffusers) for diffusers, ldm in _VAE_RENAMES], "LDM/BFL FLUX.2 VAE", n_up)
     for key, tensor in out.items():
         if ".mid_block.attentions.0." in key and key.endswith(".weight") and tensor.ndim == 4:
