@@ -38,3 +38,7 @@ class ConfigError(Flux2LoraError):
 
 class ModelError(Flux2LoraError):
     """A model file or folder is missing, truncated, of the wrong kind or mismatched."""
+
+
+class ExportError(Flux2LoraError):
+    """A LoRA file cannot be written, read or converted (wrong kind of file, unknown key layout, ...)."""

@@ -34,7 +34,7 @@ _SLOTS = {
 }
 
 
-def _compile(template: str) -> re.Pattern:
+def compile_template(template: str) -> re.Pattern:
     parts = re.split(r"\{(\w+)\}", template)  # literal, slot, literal, slot, ...
     return re.compile("".join(re.escape(part) if n % 2 == 0 else f"(?P<{part}>{_SLOTS[part]})"
                               for n, part in enumerate(parts)))
@@ -43,7 +43,7 @@ def _compile(template: str) -> re.Pattern:
 def _rename(state_dict: dict[str, Tensor], rules: list[tuple[str, str]], kind: str,
             n_up: int = 0) -> dict[str, Tensor]:
     """Rename every key by the first rule whose source template matches it; unmatched keys are an error."""
-    compiled = [(_compile(src), dst) for src, dst in rules]
+    compiled = [(compile_template(src), dst) for src, dst in rules]
     out, unmatched = {}, []
     for key, tensor in state_dict.items():
         for pattern, dst in compiled:
@@ -68,7 +68,7 @@ def _unmatched(kind: str, keys: list[str]) -> ModelError:
 # ---------------------------------------------------------------------------------------------- transformer
 # diffusers -> BFL for the modules that only get renamed. Norm weights become `.scale` as in BFL's own
 # files (ComfyUI accepts both; diffusers' converter expects `.scale`).
-_TRANSFORMER_RENAMES = [
+TRANSFORMER_RENAMES = [
     ("x_embedder.{p}", "img_in.{p}"),
     ("context_embedder.{p}", "txt_in.{p}"),
     ("time_guidance_embed.timestep_embedder.linear_1.{p}", "time_in.in_layer.{p}"),
@@ -120,7 +120,7 @@ def transformer_to_bfl(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     """
     import torch
 
-    renamed = _rename(state_dict, _TRANSFORMER_RENAMES, "diffusers FLUX.2 transformer")
+    renamed = _rename(state_dict, TRANSFORMER_RENAMES, "diffusers FLUX.2 transformer")
     out: dict[str, Tensor] = {}
     qkv: dict[str, dict[str, Tensor]] = {}
     for key, tensor in renamed.items():
