@@ -133,6 +133,86 @@ class OutputConfig(_Section):
     name: str = option("flux2_lora", "run and LoRA file name (no folder separators)", check=_file_name)
 
 
+def _fraction(value: float) -> float:
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{value!r} must be at least 0 and below 1")
+    return value
+
+
+def _positive(value: float) -> float:
+    if value <= 0:
+        raise ValueError(f"{value!r} must be above 0")
+    return value
+
+
+def _prompts(values: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(v for v in values if v)
+
+
+@dataclass(frozen=True)
+class LoraConfig(_Section):
+    rank: int = option(16, "LoRA rank: capacity (and file size); 16-32 for a character, 32-64 for a style", min=1)
+    alpha: float = option(16.0, "LoRA alpha: updates are scaled by alpha/rank; alpha = rank gives scale 1",
+                          check=_positive)
+    dropout: float = option(0.0, "dropout on the LoRA input, 0 to 0.5", check=_fraction)
+    targets: str = option("attention_mlp", "attention | attention_mlp | module names 'to_q,to_k' | 'regex:<pattern>'")
+
+
+SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+
+
+@dataclass(frozen=True)
+class TrainConfig(_Section):
+    steps: int = option(1000, "optimizer steps to train", min=1)
+    batch_size: int = option(1, "images per forward pass (one bucket per batch)", min=1)
+    gradient_accumulation: int = option(1, "forward passes per optimizer step", min=1)
+    lr: float = option(1e-4, "peak learning rate", check=_positive)
+    optimizer: str = option("adamw", "adamw (fused where supported) | adamw8bit (bitsandbytes) | sgd",
+                            choices=("adamw", "adamw8bit", "sgd"))
+    weight_decay: float = option(1e-4, "decoupled weight decay on the LoRA weights", min=0)
+    lr_scheduler: str = option("constant", " | ".join(SCHEDULES), choices=SCHEDULES)
+    warmup_steps: int = option(0, "linear warm-up steps at the start of the schedule", min=0)
+    max_grad_norm: float = option(1.0, "clip the gradient norm to this; 0 turns clipping off", min=0)
+    mixed_precision: str = option("auto", "auto (bf16 where supported, else off) | bf16 | fp16 (with a GradScaler) "
+                                  "| no", choices=("auto", "bf16", "fp16", "no"))
+    timestep_sampling: str = option("logit_normal", "uniform | logit_normal (favours mid noise levels) | mode",
+                                    choices=("uniform", "logit_normal", "mode"))
+    logit_mean: float = option(0.0, "logit-normal timestep sampling: mean (above 0: more noise)")
+    logit_std: float = option(1.0, "logit-normal timestep sampling: standard deviation", check=_positive)
+    timestep_shift: str = option("linear", "resolution-dependent shift of the noise levels towards noise: linear "
+                                 "(FLUX.1's mu, reportedly FLUX.2's training) | empirical (the FLUX.2 pipelines' "
+                                 "inference mu at 50 steps, much stronger) | none (diffusers' script)",
+                                 choices=("linear", "empirical", "none"))
+    loss_weighting: str = option("none", "none | sigma_sqrt | cosmap (diffusers' SD3 weightings)",
+                                 choices=("none", "sigma_sqrt", "cosmap"))
+    guidance: float = option(3.5, "[dev] guidance embedding value while training (diffusers' script: 3.5); "
+                             "[klein] has none", min=0)
+    caption_dropout: float = option(0.0, "fraction of steps trained on the empty caption", check=_fraction)
+    gradient_checkpointing: bool = option(False, "recompute activations in backward: much less memory, ~+40% time")
+    compile: bool = option(False, "torch.compile each transformer block")
+    profile_steps: int = option(0, "write a torch.profiler trace of this many steps (after 2 warm-up steps)", min=0)
+    seed: int = option(42, "seed for LoRA init, data order, noise and timesteps: same seed, same run")
+    log_every: int = option(10, "write metrics (and the gradient norm) every N steps", min=1)
+
+
+@dataclass(frozen=True)
+class SampleConfig(_Section):
+    every: int = option(0, "sample images every N steps; 0: only after training", min=0)
+    at_start: bool = option(False, "also sample before the first step (the base model)")
+    prompts: tuple[str, ...] = option((), "prompts separated by '|'; empty: the first two training captions",
+                                      check=_prompts, sep="|")
+    steps: int = option(20, "denoising steps per sample", min=1)
+    guidance: float = option(4.0, "guidance scale ([klein] base: classifier-free; [dev]: embedded)", min=0)
+    resolution: int = option(0, "sample side in pixels; 0: the last data.resolution", min=0)
+    seed: int = option(0, "noise seed: the same across samples, so they are comparable")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig(_Section):
+    every: int = option(0, "save a resumable checkpoint every N steps; 0: only at the end", min=0)
+    keep: int = option(3, "checkpoints kept (the newest); older ones are removed", min=1)
+
+
 @dataclass(frozen=True)
 class Config:
     """The sections, in file and --help order. A new section is a _Section dataclass and one line here."""
@@ -140,6 +220,10 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def __post_init__(self):
@@ -160,6 +244,22 @@ class Config:
         for key, value in (updates or {}).items():
             _set(raw, key, value, problems, source=f"key {key!r}")
         return _build(raw, problems)
+
+
+# `--preset`: starting points from the audit, applied under the user's file and overrides.
+PRESETS: dict[str, dict] = {
+    # A person or character: identity lives in fine detail, so no flips (faces are not symmetric);
+    # a small rank keeps the LoRA from memorising backgrounds.
+    "character": {"lora": {"rank": 16, "alpha": 16.0}, "data": {"flip": False},
+                  "train": {"steps": 1500, "lr": 1e-4, "caption_dropout": 0.05}},
+    # A style touches every layer and every subject: more rank, flips, and caption dropout so the
+    # style also appears without its trigger.
+    "style": {"lora": {"rank": 32, "alpha": 32.0}, "data": {"flip": True},
+              "train": {"steps": 2000, "lr": 1e-4, "caption_dropout": 0.1}},
+    # An object or concept: between the two.
+    "concept": {"lora": {"rank": 16, "alpha": 16.0}, "data": {"flip": True},
+                "train": {"steps": 1200, "lr": 1e-4, "caption_dropout": 0.05}},
+}
 
 
 def default_cache_dir() -> Path:

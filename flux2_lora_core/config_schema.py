@@ -25,10 +25,11 @@ if TYPE_CHECKING:
 
 
 def option(default, help: str, *, choices: Sequence[str] = (), aliases: Mapping[str, str] | None = None,
-           min: float | None = None, path: bool = False, check=None):
-    """A config field. `check(value)` returns the normalised value or raises ValueError(message)."""
+           min: float | None = None, path: bool = False, check=None, sep: str = ","):
+    """A config field. `check(value)` returns the normalised value or raises ValueError(message).
+    `sep` splits a list typed as one string ("512,1024"); prompts, which hold commas, use "|"."""
     return field(default=default, metadata={"help": help, "choices": tuple(choices), "aliases": dict(aliases or {}),
-                                            "min": min, "path": path, "check": check})
+                                            "min": min, "path": path, "check": check, "sep": sep})
 
 
 class _Section:
@@ -70,11 +71,11 @@ def _type_name(tp) -> str:
 _EXPECTED = {bool: "true or false", int: "a whole number", float: "a finite number", str: "text (quote it in YAML)"}
 
 
-def _convert(value, tp):
+def _convert(value, tp, sep: str = ","):
     """Types are checked, not coerced: a bool is no int, "yes" no bool; an int is a fine float."""
     if get_origin(tp) is tuple:
         item = get_args(tp)[0]
-        parts = value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
+        parts = value.split(sep) if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
         if item is int:  # "512,1024": a list typed as text, e.g. into a ComfyUI text widget
             parts = [int(p) if isinstance(p, str) and re.fullmatch(r"\s*\d+\s*", p) else p for p in parts]
         try:
@@ -98,7 +99,7 @@ def _clean_path(text: str) -> str:
 
 def _normalise(f, tp, value):
     meta = f.metadata
-    value = _convert(value, tp)
+    value = _convert(value, tp, meta["sep"])
     if meta["path"] and value:
         value = _clean_path(value)
     if meta["choices"]:
@@ -223,7 +224,7 @@ def _parse_override(text: str, raw: dict, problems: list) -> None:
     if not eq or not key:
         problems.append((key or str(text), f"override {text!r} is not key=value: write e.g. data.resolution=1024"))
         return
-    if _field_type(key) is str:  # text stays as typed: `output.name=001`, `model.path=/x y/z`
+    if _field_type(key) in (str, tuple[str, ...]):  # text stays as typed: `output.name=001`, `model.path=/x y/z`
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
             value = value[1:-1]
     else:

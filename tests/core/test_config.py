@@ -44,7 +44,11 @@ def test_describe_keys_covers_every_field_with_its_default_and_help():
     described = {k.key: k for k in describe_keys()}
     cfg = Config()
     every = {f"{s.name}.{f.name}" for s in dataclasses.fields(cfg) for f in dataclasses.fields(getattr(cfg, s.name))}
-    assert set(described) == every and len(every) == 22
+    assert set(described) == every
+    required = {"model.path", "model.variant", "data.path", "data.resolution", "lora.rank", "lora.alpha", "train.steps",
+                "train.batch_size", "train.lr", "train.seed", "sample.every", "checkpoint.every", "output.dir",
+                "output.name"}  # the keys the trainer's CLI contract promises
+    assert required <= every
     defaults = Config().to_dict()
     for key, info in described.items():
         section, name = key.split(".")
@@ -171,7 +175,7 @@ def test_unknown_sections_and_keys_suggest_the_meant_one(tmp_path):
     assert "did you mean `data.resolution`?" in found["data.resolutoin"]
     assert "did you mean `model.dtype`?" in found["data.dtype"]
     assert "did you mean `data.resolution`?" in found["resolution"]
-    assert found["lr"].startswith("unknown key") and "model, data, cache, output" in found["lr"]
+    assert "did you mean `train.lr`?" in found["lr"]
     assert "data.path" in found["data.path.x"]
 
 
