@@ -24,6 +24,11 @@ CACHE_FORMAT_VERSION = 1
 INDEX = "index.json"
 
 
+def text_key(text: str) -> str:
+    """A caption's or prompt's entry key: its text's SHA-256, so equal texts share one embedding."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 @dataclass(frozen=True)
 class CacheSettings:
     """Everything besides the model and the data that changes what gets encoded."""
@@ -100,6 +105,14 @@ class LatentCache:
         key = self.empty_key if index is None else self.items[index].caption_key
         embedding = self._texts.get(key)
         return model_ready_embedding(embedding, family=self.family, mode=self.settings.text_conditioning)
+
+    def prompt(self, text: str) -> torch.Tensor:
+        """A sample prompt's (L, D) embedding, encoded by the build that was given it in `prompts`."""
+        key = text_key(text)
+        if key not in self._texts.entries:
+            raise DatasetError(f"prompt {text!r} is not in the latent cache {self.root}: pass it to "
+                               "build_latent_cache(prompts=...)")
+        return model_ready_embedding(self._texts.get(key), family=self.family, mode=self.settings.text_conditioning)
 
     def bucket_members(self, resolution: int) -> dict[tuple[int, int], list[int]]:
         groups = defaultdict(list)

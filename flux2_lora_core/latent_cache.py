@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from .buckets import assign_bucket
-from .cache_index import (CACHE_FORMAT_VERSION, INDEX, CachedItem, CacheSettings, CacheSummary, LatentCache,
+from .cache_index import (CACHE_FORMAT_VERSION, INDEX, text_key, CachedItem, CacheSettings, CacheSummary, LatentCache,
                           index_of, open_latent_cache)
 from .cache_store import VERIFY_MODES, ShardStore, write_atomically
 from .config import default_cache_dir
@@ -78,17 +78,15 @@ def _image_hash(item, memo: dict, rel: str) -> tuple[str, int, int]:
     return digest, info.width, info.height
 
 
-def _text_key(caption: str) -> str:
-    return hashlib.sha256(caption.encode("utf-8")).hexdigest()
-
-
 def build_latent_cache(dataset, encoders, settings: CacheSettings = CacheSettings(), *, cache_dir=None,
-                       batch_size: int = 4, verify: str = "quick", progress=None) -> LatentCache:
+                       batch_size: int = 4, verify: str = "quick", progress=None, prompts=()) -> LatentCache:
     """Bring the cache for `dataset` up to date and return it (see the module docstring).
 
     `encoders` provides `family`, `fingerprint(part)` and context managers `vae()` /
     `text_encoder()` (see models.py); they are entered only when something must be encoded.
     `progress(phase, done, total)` is called as work completes ("latents", "captions").
+    `prompts` (sample prompts) are encoded with the captions, so a run never loads the text encoder twice,
+    and kept while the next build asks for them again; read them with `LatentCache.prompt(text)`.
     """
     from filelock import FileLock  # torch's own dependency: a lock that works on Windows too
 
@@ -108,15 +106,16 @@ def build_latent_cache(dataset, encoders, settings: CacheSettings = CacheSetting
                            ).load(verify)
         summary.rebuilt_shards = latents.damaged + texts.damaged
         items, captions, todo = _plan(dataset, settings, latents, summary)
+        extra = {text_key(p): p for p in prompts}
         _encode_latents(dataset, encoders, todo, latents, batch_size, progress, summary)
-        empty_key = _encode_captions(encoders, captions, texts, family, settings, batch_size, progress, summary)
+        empty_key = _encode_captions(encoders, {**captions, **extra}, texts, family, settings, batch_size, progress, summary)
         skipped = {path for path, _ in summary.skipped}
         items = [item for item in items if item.path not in skipped]
         if not items:
             raise DatasetError(f"no image of {dataset.root} could be cached:\n  "
                                + "\n  ".join(f"{p}: {r}" for p, r in summary.skipped[:20]))
         latents.commit(keep={k for item in items for keys in item.latent_keys.values() for k in keys})
-        texts.commit(keep={item.caption_key for item in items} | {empty_key})
+        texts.commit(keep={item.caption_key for item in items} | {empty_key} | extra.keys())
         summary.bytes_on_disk = latents.bytes_on_disk + texts.bytes_on_disk
         summary.seconds = time.perf_counter() - started
         cache = LatentCache(root, items, family, settings, latents, texts, empty_key, summary)
@@ -139,7 +138,7 @@ def _plan(dataset, settings, latents, summary):
         except (Flux2LoraError, OSError) as exc:
             summary.skipped.append((rel, str(exc)))
             continue
-        caption_key = _text_key(caption)
+        caption_key = text_key(caption)
         captions[caption_key] = caption
         buckets, keys = {}, {}
         for resolution in settings.resolutions:
@@ -202,7 +201,7 @@ def _encode_with_backoff(vae, pixels: torch.Tensor) -> torch.Tensor:
 
 
 def _encode_captions(encoders, captions, store, family, settings, batch_size, progress, summary) -> str:
-    empty_key = _text_key("")
+    empty_key = text_key("")
     captions = {**captions, empty_key: ""}
     missing = [(key, text) for key, text in captions.items() if key not in store.entries]
     summary.captions_reused = len(captions) - len(missing)
