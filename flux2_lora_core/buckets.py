@@ -90,3 +90,29 @@ def bucket_batches(groups: dict, repeats, batch_size: int, *, seed: int, epoch: 
         batches += [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
     rng.shuffle(batches)
     return batches
+
+
+class BatchStream:
+    """Batches of one resolution's buckets, epoch after epoch; (epoch, position) is the whole state."""
+
+    def __init__(self, cache, resolution: int, batch_size: int, seed: int):
+        self.groups = cache.bucket_members(resolution)
+        self.repeats = [item.repeats for item in cache.items]
+        self.batch_size, self.seed = batch_size, seed
+        self.epoch, self.position = 0, 0
+        self._batches = self._epoch_batches()
+
+    def _epoch_batches(self) -> list[list[int]]:
+        return bucket_batches(self.groups, self.repeats, self.batch_size, seed=self.seed, epoch=self.epoch)
+
+    def next(self) -> list[int]:
+        if self.position >= len(self._batches):
+            self.epoch, self.position = self.epoch + 1, 0
+            self._batches = self._epoch_batches()
+        self.position += 1
+        return self._batches[self.position - 1]
+
+
+def resolution_at(step: int, resolutions: tuple[int, ...], total: int) -> int:
+    """A schedule [512, 1024] trains equal consecutive shares of the steps at each resolution."""
+    return resolutions[min(step * len(resolutions) // total, len(resolutions) - 1)]

@@ -123,9 +123,125 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _load(args: argparse.Namespace):
+    from .config import PRESETS, load_config
+
+    return load_config(args.config, args.overrides, base=PRESETS[args.preset] if args.preset else None)
+
+
+class _TrainingBar:
+    """Trainer callbacks as a terminal progress bar: step, loss, lr, it/s and ETA (audit 5.1)."""
+
+    def __init__(self, desc: str = "train"):
+        from tqdm import tqdm
+
+        self.tqdm, self.desc, self.bar = tqdm, desc, None
+        self.setup = _ProgressBars()
+
+    def on_progress(self, phase, done, total):
+        self.setup(phase, done, total)
+
+    def on_step(self, report):
+        if self.bar is None:
+            self.bar = self.tqdm(total=report.total, desc=self.desc, unit="step", file=sys.stderr, mininterval=0.5)
+        self.bar.update(report.step - self.bar.n)
+        if report.loss is not None:
+            self.bar.set_postfix(loss=f"{report.loss:.4f}", lr=f"{report.lr:.2e}", refresh=False)
+
+    def on_sample(self, step, paths):
+        if self.bar is not None:
+            self.bar.write(f"samples at step {step}: {paths[0].parent}")
+
+    def should_stop(self):
+        return False
+
+    def close(self):
+        self.setup.__exit__()
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _report(result) -> None:
+    print(f"trained {result.steps} steps{' (stopped early)' if result.stopped_early else ''}; run folder "
+          f"{result.run_dir}")
+    print(f"  LoRA:    {result.lora_path}")
+    print(f"  curves:  {result.curves}")
+    if result.samples:
+        print(f"  samples: {result.samples[0].parent} ({len(result.samples)} images)")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .trainer import train
+
+    config = _load(args)
+    bar = _TrainingBar()
+    try:
+        result = train(config, bar)
+    finally:
+        bar.close()
+    _report(result)
+    return EXIT_OK
+
+
+def cmd_find_lr(args: argparse.Namespace) -> int:
+    from .lr_finder import run_range_test
+
+    config = _load(args)
+    bar = _TrainingBar("find-lr")
+    try:
+        test, plot = run_range_test(config, min_lr=args.min_lr, max_lr=args.max_lr, steps=args.steps, callbacks=bar)
+    finally:
+        bar.close()
+    suggestion = test.suggestion()
+    print(f"learning-rate range test: {len(test.losses)} steps from {test.lrs[0]:.2e} to {test.lrs[-1]:.2e}"
+          f"{f' ({test.stopped})' if test.stopped else ''}; plot: {plot}")
+    print(f"suggested train.lr={suggestion:.2e}" if suggestion else
+          "no suggestion: the loss never fell clearly; widen --min-lr/--max-lr or add --steps")
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_lora
+
+    out = export_lora(args.source, fmt=args.format, out=args.out)
+    print(f"wrote {args.format} LoRA {out}")
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    bar = _TrainingBar("demo")
+    try:
+        result = run_demo(args.output, steps=args.steps, callbacks=bar, overrides=args.overrides)
+    finally:
+        bar.close()
+    _report(result)
+    print("the first samples show the model before training, the last after; load the LoRA in ComfyUI with any "
+          "LoRA loader, or in diffusers with pipe.load_lora_weights")
+    return EXIT_OK
+
+
+def _config_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="a YAML config file")
+    p.add_argument("--preset", choices=["character", "style", "concept"],
+                   help="starting settings for the kind of LoRA, under the file and the overrides")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="settings, applied after the file")
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be above 0")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="flux2-lora", description="Train FLUX.2 LoRAs: validate datasets, build test models, and more.")
+        prog="flux2-lora", description="Train FLUX.2 LoRAs: validate a dataset, cache it, train, export; or try the demo.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="show debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -156,6 +272,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE", help="a YAML config file")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="settings, applied after the file")
     p.set_defaults(func=cmd_cache)
+
+    p = sub.add_parser("train", help="train a LoRA: cache, train, sample, save",
+                       description="Train a FLUX.2 LoRA. Every setting is a dotted key (model.path, data.path, "
+                                   "data.resolution, lora.rank, lora.alpha, train.steps, train.batch_size, train.lr, "
+                                   "train.seed, sample.every, checkpoint.every, output.dir, output.name, ...), from "
+                                   "--preset, then --config, then key=value overrides; every problem is reported "
+                                   "at once.")
+    _config_arguments(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("find-lr", help="learning-rate range test: loss against lr, with a suggestion",
+                       description="Train briefly at exponentially growing learning rates and plot the loss "
+                                   "(Leslie Smith's range test); suggests train.lr where the loss falls fastest.")
+    _config_arguments(p)
+    p.add_argument("--min-lr", type=positive_float, default=1e-7, metavar="LR")
+    p.add_argument("--max-lr", type=positive_float, default=1e-2, metavar="LR")
+    p.add_argument("--steps", type=positive_int, default=100, metavar="N")
+    p.set_defaults(func=cmd_find_lr)
+
+    p = sub.add_parser("export", help="convert a trained LoRA to ComfyUI, diffusers or kohya keys",
+                       description="Write a LoRA (a .safetensors this tool wrote, or a run folder) in another key "
+                                   "format. comfyui (default) loads in ComfyUI and diffusers alike.")
+    p.add_argument("source", help="a LoRA .safetensors or a run folder")
+    p.add_argument("--format", choices=["comfyui", "diffusers", "kohya"], default="comfyui")
+    p.add_argument("--out", metavar="FILE", help="where to write (default: beside the source)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("demo", help="train a LoRA on a tiny model and a generated dataset, offline (~1 min on CPU)",
+                       description="The whole job with nothing downloaded: writes a tiny FLUX.2 [klein] model and a "
+                                   "small dataset, trains a LoRA with before/after samples and curves, and prints "
+                                   "where everything is.")
+    p.add_argument("--output", default="flux2-lora-demo", metavar="DIR", help="(default ./flux2-lora-demo)")
+    p.add_argument("--steps", type=positive_int, default=None, metavar="N", help="training steps (default 600)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="change any demo setting")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("tiny-model", help="write a tiny random-weight FLUX.2 model for tests and demos",
                        description="Build a seeded, randomly initialised, tiny FLUX.2 model offline and write it.")

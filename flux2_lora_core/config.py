@@ -209,7 +209,7 @@ class SampleConfig(_Section):
 
 @dataclass(frozen=True)
 class CheckpointConfig(_Section):
-    every: int = option(0, "save a resumable checkpoint every N steps; 0: only at the end", min=0)
+    every: int = option(0, "save the LoRA so far every N steps in checkpoints/step_N/; 0: never", min=0)
     keep: int = option(3, "checkpoints kept (the newest); older ones are removed", min=1)
 
 

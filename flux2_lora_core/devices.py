@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import sys
 
 import torch
 
@@ -141,3 +142,15 @@ def with_oom_retry(load, *, what: str, path=""):
                                  f"model.dtype (bf16/fp16) or an fp8 file, or a smaller variant ([klein] 4B)") from None
             log.warning("out of memory loading %s from %s; freeing memory and trying once more", what, path)
         free_memory()  # outside the except block: the failed attempt's frames and tensors are gone by now
+
+
+def peak_memory_mb(device: torch.device) -> float | None:
+    """Peak memory so far: the accelerator's allocations, or on the CPU the process's peak resident size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10   # bytes on macOS, KiB on Linux

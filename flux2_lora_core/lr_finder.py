@@ -160,7 +160,8 @@ def run_range_test(config, *, min_lr: float = 1e-7, max_lr: float = 1e-2, steps:
     """
     import json
 
-    from .trainer import Callbacks, StepReport, cleanup, micro_step, optimizer_step, resolution_at, setup
+    from .buckets import resolution_at
+    from .trainer import Callbacks, StepReport, cleanup, micro_step, optimizer_step, setup
 
     callbacks = callbacks or Callbacks()
     test = RangeTest(min_lr, max_lr, steps)

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import platform
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -26,9 +27,9 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .buckets import bucket_batches
+from .buckets import BatchStream, resolution_at
 from .config import Config, check_paths
-from .devices import choose_device, choose_dtype, free_memory, release
+from .devices import choose_device, choose_dtype, free_memory, peak_memory_mb, release
 from .errors import ConfigError
 from .flow_matching import PositionIds, sample_sigmas, shift_sigmas, training_loss
 from .lora import add_lora, trainable_parameters
@@ -122,33 +123,6 @@ def new_run_dir(config: Config) -> Path:
         log.warning("%s already holds a run: this one goes to %s", parent / name, candidate)
     candidate.mkdir(parents=True, exist_ok=True)
     return candidate
-
-
-# ---------------------------------------------------------------------------------------------- data
-class BatchStream:
-    """Batches of one resolution's buckets, epoch after epoch; (epoch, position) is the whole state."""
-
-    def __init__(self, cache, resolution: int, batch_size: int, seed: int):
-        self.groups = cache.bucket_members(resolution)
-        self.repeats = [item.repeats for item in cache.items]
-        self.batch_size, self.seed = batch_size, seed
-        self.epoch, self.position = 0, 0
-        self._batches = self._epoch_batches()
-
-    def _epoch_batches(self) -> list[list[int]]:
-        return bucket_batches(self.groups, self.repeats, self.batch_size, seed=self.seed, epoch=self.epoch)
-
-    def next(self) -> list[int]:
-        if self.position >= len(self._batches):
-            self.epoch, self.position = self.epoch + 1, 0
-            self._batches = self._epoch_batches()
-        self.position += 1
-        return self._batches[self.position - 1]
-
-
-def resolution_at(step: int, resolutions: tuple[int, ...], total: int) -> int:
-    """A schedule [512, 1024] trains equal consecutive shares of the steps at each resolution."""
-    return resolutions[min(step * len(resolutions) // total, len(resolutions) - 1)]
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -347,12 +321,6 @@ def optimizer_step(s: Session, want_norm: bool) -> torch.Tensor | None:
     return norm.detach() if norm is not None and want_norm else None
 
 
-def _memory_mb(device: torch.device) -> float | None:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return None
-
-
 def _profiler(s: Session):
     if not s.config.train.profile_steps:
         return None
@@ -415,6 +383,8 @@ def train_loop(s: Session, callbacks: Callbacks) -> bool:
             callbacks.on_step(StepReport(s.step, t.steps, last_loss, lr, rate, (t.steps - s.step) / rate))
             if s.config.sample.every and s.step % s.config.sample.every == 0 and s.step < t.steps:
                 sample(s, callbacks)
+            if s.config.checkpoint.every and s.step % s.config.checkpoint.every == 0 and s.step < t.steps:
+                save_snapshot(s)
         return False
     finally:
         if pending:
@@ -429,8 +399,9 @@ def _log(s: Session, pending, norm) -> float:
     for (step, _, lr, seconds), loss in zip(pending, losses):
         last = step == pending[-1][0]
         extra = {"grad_norm": float(norm)} if last and norm is not None else {}
-        if last and _memory_mb(s.device) is not None:
-            extra["memory_mb"] = _memory_mb(s.device)
+        memory = peak_memory_mb(s.device) if last else None
+        if memory is not None:
+            extra["memory_mb"] = memory
         s.metrics.record(step, loss=loss, lr=lr, step_time=seconds, **extra)
     s.losses += losses
     if not all(math.isfinite(v) for v in losses):
@@ -440,8 +411,9 @@ def _log(s: Session, pending, norm) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- save
-def save(s: Session) -> Path:
-    """The LoRA in ComfyUI-native form (loads in diffusers too) with its metadata, and the curves."""
+def save(s: Session, path: Path | None = None) -> Path:
+    """The LoRA in ComfyUI-native form (loads in diffusers too) with its metadata: lora/<name>.safetensors
+    unless `path` is given."""
     from .export import lora_metadata, lora_state_dict, save_lora
 
     c = s.config
@@ -452,9 +424,19 @@ def save(s: Session) -> Path:
                "text_conditioning": c.model.text_conditioning, "name": c.output.name, "lr": c.train.lr,
                "batch_size": c.train.batch_size, "images": len(s.cache), "seed": c.train.seed,
                "family": s.variant.family, "max_steps": c.train.steps})
-    path = save_lora(s.run_dir / "lora" / f"{c.output.name}.safetensors", lora_state_dict(s.transformer),
+    path = save_lora(path or s.run_dir / "lora" / f"{c.output.name}.safetensors", lora_state_dict(s.transformer),
                      fmt="comfyui", rank=c.lora.rank, alpha=c.lora.alpha, metadata=metadata)
     log.info("LoRA written to %s", path)
+    return path
+
+
+def save_snapshot(s: Session) -> Path:
+    """checkpoints/step_NNNNNN/<name>.safetensors: the LoRA at this step, usable like the final one; only
+    the newest checkpoint.keep are kept."""
+    folder = s.run_dir / "checkpoints"
+    path = save(s, folder / f"step_{s.step:06d}" / f"{s.config.output.name}.safetensors")
+    for old in sorted(folder.glob("step_*"))[:-s.config.checkpoint.keep]:
+        shutil.rmtree(old)
     return path
 
 

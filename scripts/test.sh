@@ -1,36 +1,8 @@
 #!/usr/bin/env bash
 # The project's one test command. On a fresh machine it creates .venv, installs torch and the
-# package with its test extras, then runs the whole suite; later runs reuse the environment and
-# reinstall only when pyproject.toml changed. Extra arguments go to pytest.
-#
-#   FLUX2_LORA_TORCH   torch requirement to install when none is importable (default torch==2.13.0,
-#                      which is a local CPU build on the CI box; a bare `torch` would pull CUDA)
-#   FLUX2_LORA_VENV    where the virtual environment lives (default .venv)
+# package with its test extras (see env.sh), then runs the whole suite. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-
-venv="${FLUX2_LORA_VENV:-.venv}"
-torch_spec="${FLUX2_LORA_TORCH:-torch==2.13.0}"
-
-if [ ! -x "$venv/bin/python" ]; then
-    echo "creating virtual environment $venv"
-    "${PYTHON:-python3}" -m venv "$venv"
-fi
-py="$venv/bin/python"
-
-if ! "$py" -c "import torch" 2>/dev/null; then
-    echo "installing $torch_spec"
-    "$py" -m pip install --quiet --disable-pip-version-check "$torch_spec"
-fi
-
-stamp="$venv/.flux2-lora-installed"
-want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
-if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-    echo "installing comfyui-flux2-lora and its test dependencies"
-    "$py" -m pip install --quiet --disable-pip-version-check -e ".[test]"
-    echo "$want" > "$stamp"
-fi
-
-# Nothing may come from a model hub, here or in CI.
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 DO_NOT_TRACK=1 MPLBACKEND=Agg
+extras=test
+source scripts/env.sh
 exec "$py" -m pytest "$@"

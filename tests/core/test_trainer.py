@@ -49,7 +49,8 @@ class Recorder(trainer.Callbacks):
 
 def test_a_run_writes_every_output_and_reports_progress(workspace, tmp_path):
     recorder = Recorder()
-    config = make_config(workspace, tmp_path, "sample.every=3", "sample.at_start=true", "data.trigger_word=zxq")
+    config = make_config(workspace, tmp_path, "sample.every=3", "sample.at_start=true", "data.trigger_word=zxq",
+                         "checkpoint.every=1", "checkpoint.keep=2")
     result = trainer.train(config, recorder)
 
     run = result.run_dir
@@ -62,6 +63,9 @@ def test_a_run_writes_every_output_and_reports_progress(workspace, tmp_path):
     assert all("grad_norm" in m for m in metrics if m["step"] % 2 == 0)      # computed on logging steps only
     assert not any("grad_norm" in m for m in metrics if m["step"] % 2)
     assert (run / "training_curves.png").stat().st_size > 1000
+    snapshots = sorted(p.relative_to(run).as_posix() for p in (run / "checkpoints").rglob("*.safetensors"))
+    assert snapshots == ["checkpoints/step_000004/flux2_lora.safetensors",
+                         "checkpoints/step_000005/flux2_lora.safetensors"]          # the newest checkpoint.keep
     assert [step for step, _ in recorder.samples] == [0, 3, 6]                # at start, every 3, at the end
     assert len(list((run / "samples").glob("*.png"))) == 6                    # two prompts each time
     assert [r.step for r in recorder.reports] == [1, 2, 3, 4, 5, 6] and recorder.reports[-1].eta_seconds == 0

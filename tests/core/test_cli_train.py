@@ -1,0 +1,91 @@
+"""`flux2-lora train / find-lr / export / demo` as users run them: real subprocesses, real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from flux2_lora_core.demo_data import write_demo_dataset
+from flux2_lora_core.tiny_models import write_tiny_model
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def cli(*args, cwd):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "flux2_lora_core", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli_train")
+    write_tiny_model(root / "model", variant="dev")
+    write_demo_dataset(root / "data", count=3, size=256)
+    return root
+
+
+def test_train_then_export_every_format(workspace, tmp_path):
+    done = cli("train", "--preset", "style", "model.path=model", "data.path=data", "data.resolution=64",
+               "cache.dir=cache", f"output.dir={tmp_path}", "output.name=ring", "train.steps=3", "lora.rank=2",
+               "sample.steps=1", "sample.prompts=zxq ring, bold | a ring: on teal", "sample.guidance=3.5",
+               cwd=workspace)
+    assert done.returncode == 0, done.stderr
+    run = tmp_path / "ring"
+    assert f"LoRA:    {run / 'lora' / 'ring.safetensors'}" in done.stdout
+    config = json.loads((run / "run.json").read_text())["config"]
+    assert config["lora"]["rank"] == 2 and config["lora"]["alpha"] == 32.0 and config["data"]["flip"] is True
+    assert config["sample"]["prompts"] == ["zxq ring, bold", "a ring: on teal"]
+    assert len(list((run / "samples").glob("step_000003_*.png"))) == 2
+
+    for fmt in ("diffusers", "kohya"):
+        done = cli("export", run, "--format", fmt, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+    exported = sorted(p.name for p in (run / "lora").iterdir())
+    assert len(exported) == 3, exported
+    with safe_open(run / "lora" / "ring.safetensors", "pt") as f:
+        assert f.metadata()["modelspec.architecture"]
+
+    again = cli("export", run, "--format", "kohya", cwd=tmp_path)   # never writes over a file
+    assert again.returncode == 1 and "Traceback" not in again.stderr and "exists" in again.stderr
+
+
+def test_bad_settings_are_listed_together_without_a_traceback(workspace, tmp_path):
+    done = cli("train", "lora.rank=0", "train.lr=fast", "train.optimizer=adam", "data.resolution=100",
+               "sample.every=-1", "lora.alpah=3", cwd=workspace)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    for key in ("lora.rank", "train.lr", "train.optimizer", "data.resolution", "sample.every", "lora.alpah"):
+        assert key in done.stderr
+    assert "did you mean `lora.alpha`?" in done.stderr
+
+    done = cli("train", "model.path=missing", "data.path=data", "train.steps=2", "train.warmup_steps=5",
+               cwd=workspace)
+    assert done.returncode == 1 and "model.path" in done.stderr and "train.warmup_steps" in done.stderr
+
+
+def test_find_lr_writes_the_plot_and_a_suggestion(workspace, tmp_path):
+    done = cli("find-lr", "model.path=model", "data.path=data", "data.resolution=64", "cache.dir=cache",
+               f"output.dir={tmp_path}", "lora.rank=2", "--steps", "12", "--min-lr", "1e-5", "--max-lr", "1",
+               cwd=workspace)
+    assert done.returncode == 0, done.stderr
+    run = tmp_path / "flux2_lora-find-lr"
+    result = json.loads((run / "lr_range_test.json").read_text())
+    assert 1 <= len(result["losses"]) <= 12 and (run / "lr_range_test.png").stat().st_size > 1000
+    assert "suggested train.lr=" in done.stdout or "no suggestion" in done.stdout
+
+
+def test_demo_runs_offline_and_reuses_its_setup(tmp_path):
+    done = cli("demo", "--output", tmp_path / "demo", "--steps", "4", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    run = tmp_path / "demo" / "runs" / "demo"
+    assert (run / "lora" / "demo.safetensors").exists() and (run / "training_curves.png").exists()
+    assert {p.name for p in (run / "samples").iterdir()} == {"step_000000_0.png", "step_000004_0.png"}
+    again = cli("demo", "--output", tmp_path / "demo", "--steps", "2", cwd=tmp_path)
+    assert again.returncode == 0 and (tmp_path / "demo" / "runs" / "demo-2" / "lora" / "demo.safetensors").exists()
+    assert "loading the text encoder" not in again.stderr    # cache reused: no caption or prompt re-encoded
