@@ -17,7 +17,7 @@ import torch
 
 from .buckets import make_buckets
 from .cache_store import ShardStore
-from .encoding import model_ready_embedding
+from .encoding import MAX_SEQUENCE_LENGTH, model_ready_embedding
 from .errors import ConfigError, DatasetError
 
 CACHE_FORMAT_VERSION = 1
@@ -105,6 +105,13 @@ class LatentCache:
         key = self.empty_key if index is None else self.items[index].caption_key
         embedding = self._texts.get(key)
         return model_ready_embedding(embedding, family=self.family, mode=self.settings.text_conditioning)
+
+    def text_length(self, index: int | None) -> int:
+        """Rows of `text(index)`, from the index alone (no tensor read): a batch needs equal lengths."""
+        key = self.empty_key if index is None else self.items[index].caption_key
+        rows = int(self._texts.entries[key]["rows"])
+        padded = self.family == "dev" and self.settings.text_conditioning == "comfyui"
+        return max(rows, MAX_SEQUENCE_LENGTH) if padded else rows
 
     def prompt(self, text: str) -> torch.Tensor:
         """A sample prompt's (L, D) embedding, encoded by the build that was given it in `prompts`."""

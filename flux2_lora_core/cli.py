@@ -16,6 +16,7 @@ from pathlib import Path
 from . import __version__
 from .captions import normalise_caption_extensions
 from .errors import ConfigError, Flux2LoraError
+from .terminal import ProgressBars, StopOnSignal, TrainingBar
 
 logger = logging.getLogger("flux2_lora_core")
 
@@ -75,30 +76,6 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-class _ProgressBars:
-    """The engine's progress(phase, done, total) callbacks as terminal bars with items/s and ETA."""
-
-    def __init__(self):
-        self.bars = {}
-
-    def __call__(self, phase: str, done: int, total: int) -> None:
-        from tqdm import tqdm
-
-        bar = self.bars.get(phase)
-        if bar is None:
-            bar = self.bars[phase] = tqdm(total=total, desc=phase, unit="item", mininterval=0.5, file=sys.stderr)
-        bar.update(done - bar.n)
-        if done >= total:
-            bar.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        for bar in self.bars.values():
-            bar.close()
-
-
 def cmd_cache(args: argparse.Namespace) -> int:
     from .config import check_paths, load_config
     from .dataset import load_dataset
@@ -115,7 +92,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     encoders = open_encoders(config.model)
     settings = CacheSettings(resolutions=data.resolution, buckets=data.buckets, max_aspect=data.max_aspect,
                              flip=data.flip, text_conditioning=config.model.text_conditioning)
-    with _ProgressBars() as progress:
+    with ProgressBars() as progress:
         cache = build_latent_cache(dataset, encoders, settings, cache_dir=config.cache.resolved_dir,
                                    batch_size=config.cache.batch_size, verify=config.cache.verify, progress=progress)
     print(f"cached {len(cache)} images of {dataset.root} in {cache.root}")
@@ -124,74 +101,65 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace):
+    """The config, with its keys and the training checks (paths, combinations) reported in one message."""
     from .config import PRESETS, load_config
+    from .trainer import training_problems
 
-    return load_config(args.config, args.overrides, base=PRESETS[args.preset] if args.preset else None)
-
-
-class _TrainingBar:
-    """Trainer callbacks as a terminal progress bar: step, loss, lr, it/s and ETA (audit 5.1)."""
-
-    def __init__(self, desc: str = "train"):
-        from tqdm import tqdm
-
-        self.tqdm, self.desc, self.bar = tqdm, desc, None
-        self.setup = _ProgressBars()
-
-    def on_progress(self, phase, done, total):
-        self.setup(phase, done, total)
-
-    def on_step(self, report):
-        if self.bar is None:
-            self.bar = self.tqdm(total=report.total, desc=self.desc, unit="step", file=sys.stderr, mininterval=0.5)
-        self.bar.update(report.step - self.bar.n)
-        if report.loss is not None:
-            self.bar.set_postfix(loss=f"{report.loss:.4f}", lr=f"{report.lr:.2e}", refresh=False)
-
-    def on_sample(self, step, paths):
-        if self.bar is not None:
-            self.bar.write(f"samples at step {step}: {paths[0].parent}")
-
-    def should_stop(self):
-        return False
-
-    def close(self):
-        self.setup.__exit__()
-        if self.bar is not None:
-            self.bar.close()
+    return load_config(args.config, args.overrides, base=PRESETS[args.preset] if args.preset else None,
+                       check=training_problems)
 
 
 def _report(result) -> None:
     print(f"trained {result.steps} steps{' (stopped early)' if result.stopped_early else ''}; run folder "
           f"{result.run_dir}")
+    if result.stopped_early:
+        print(f"  resume:  flux2-lora resume {result.run_dir}")
     print(f"  LoRA:    {result.lora_path}")
     print(f"  curves:  {result.curves}")
     if result.samples:
         print(f"  samples: {result.samples[0].parent} ({len(result.samples)} images)")
 
 
+def _run(start, desc: str) -> int:
+    """Run `start(callbacks)` under the progress bar and the signal handlers; report; exit 0 or 128 + signal."""
+    with StopOnSignal() as stop:
+        bar = TrainingBar(desc, stop)
+        try:
+            result = start(bar)
+        finally:
+            bar.close()
+    _report(result)
+    return stop.code
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .trainer import train
 
     config = _load(args)
-    bar = _TrainingBar()
-    try:
-        result = train(config, bar)
-    finally:
-        bar.close()
-    _report(result)
-    return EXIT_OK
+    return _run(lambda callbacks: train(config, callbacks), "train")
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from .resume import resume
+
+    return _run(lambda callbacks: resume(args.path, steps=args.steps, output=args.output,
+                                         overrides=args.overrides, callbacks=callbacks), "resume")
 
 
 def cmd_find_lr(args: argparse.Namespace) -> int:
     from .lr_finder import run_range_test
 
     config = _load(args)
-    bar = _TrainingBar("find-lr")
-    try:
-        test, plot = run_range_test(config, min_lr=args.min_lr, max_lr=args.max_lr, steps=args.steps, callbacks=bar)
-    finally:
-        bar.close()
+    with StopOnSignal():
+        bar = TrainingBar("find-lr")
+        try:
+            test, plot = run_range_test(config, min_lr=args.min_lr, max_lr=args.max_lr, steps=args.steps,
+                                        callbacks=bar)
+        finally:
+            bar.close()
+    if not test.losses:
+        print(f"error: the range test recorded no loss ({test.stopped}): lower --min-lr", file=sys.stderr)
+        return EXIT_UNUSABLE
     suggestion = test.suggestion()
     print(f"learning-rate range test: {len(test.losses)} steps from {test.lrs[0]:.2e} to {test.lrs[-1]:.2e}"
           f"{f' ({test.stopped})' if test.stopped else ''}; plot: {plot}")
@@ -211,15 +179,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    bar = _TrainingBar("demo")
-    try:
-        result = run_demo(args.output, steps=args.steps, callbacks=bar, overrides=args.overrides)
-    finally:
-        bar.close()
-    _report(result)
+    code = _run(lambda callbacks: run_demo(args.output, steps=args.steps, callbacks=callbacks,
+                                           overrides=args.overrides), "demo")
     print("the first samples show the model before training, the last after; load the LoRA in ComfyUI with any "
           "LoRA loader, or in diffusers with pipe.load_lora_weights")
-    return EXIT_OK
+    return code
 
 
 def _config_arguments(p: argparse.ArgumentParser) -> None:
@@ -282,6 +246,17 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arguments(p)
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("resume", help="continue a run from its newest intact checkpoint",
+                       description="Continue training from a checkpoint folder, or from a run folder (its newest "
+                                   "checkpoint that verifies; damaged ones are skipped and named). Goes on to the "
+                                   "run's train.steps, or --steps N more. key=value overrides change settings; each "
+                                   "change is reported.")
+    p.add_argument("path", help="a checkpoint folder (checkpoints/step_N) or a run folder")
+    p.add_argument("--steps", type=positive_int, metavar="N", help="train N more steps")
+    p.add_argument("--output", metavar="DIR", help="continue into a new run folder under DIR (default: the same run)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="settings to change")
+    p.set_defaults(func=cmd_resume)
+
     p = sub.add_parser("find-lr", help="learning-rate range test: loss against lr, with a suggestion",
                        description="Train briefly at exponentially growing learning rates and plot the loss "
                                    "(Leslie Smith's range test); suggests train.lr where the loss falls fastest.")
@@ -333,6 +308,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as exc:  # torch.OutOfMemoryError is one; anything else is a bug and keeps its traceback
+        if "out of memory" not in str(exc).lower():
+            raise
+        print(f"error: out of memory ({str(exc).splitlines()[0]}): try train.gradient_checkpointing=true, a smaller "
+              "train.batch_size or data.resolution, train.optimizer=adamw8bit, or an fp8 model file; "
+              "`flux2-lora resume RUN_DIR` continues from the last checkpoint", file=sys.stderr)
+        return EXIT_UNUSABLE
 
 
 if __name__ == "__main__":

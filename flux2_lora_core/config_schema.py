@@ -146,7 +146,9 @@ def _field_type(key: str):
     return get_type_hints(cls).get(name) if cls else None
 
 
-def _build(raw: Mapping, problems: list) -> Config:
+def _build(raw: Mapping, problems: list, *, partial: bool = False) -> Config | tuple[Config, list]:
+    """The Config, or ConfigError with every problem. `partial`: return (Config, problems) instead, each bad
+    key left at its default, so checks that need a whole config (paths, combinations) can still run."""
     problems, built = list(problems), {}
     for section, values in raw.items():
         cls = _sections().get(str(section))
@@ -163,10 +165,18 @@ def _build(raw: Mapping, problems: list) -> Config:
             built[section] = cls(**{k: v for k, v in values.items() if k in names})
         except ConfigError as exc:
             problems += exc.problems
-    if problems:
-        raise ConfigError(problems)
+            if partial:
+                bad = {key.partition(".")[2] for key, _ in exc.problems}
+                try:
+                    built[section] = cls(**{k: v for k, v in values.items() if k in names and k not in bad})
+                except ConfigError:
+                    built[section] = cls()
     from .config import Config
 
+    if partial:
+        return Config(**built), problems
+    if problems:
+        raise ConfigError(problems)
     return Config(**built)
 
 

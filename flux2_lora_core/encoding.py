@@ -81,6 +81,16 @@ def pack_latents(latents: torch.Tensor) -> torch.Tensor:
     return latents.reshape(b, c, h * w).permute(0, 2, 1)
 
 
+def decoder_latents(vae, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The inverse of encode_images' last steps: (B, h*w, 128) normalised tokens -> (B, 32, 2h, 2w) for vae.decode."""
+    b = tokens.shape[0]
+    latents = tokens.permute(0, 2, 1).reshape(b, 128, h, w)
+    mean = vae.bn.running_mean.view(1, -1, 1, 1).to(latents)
+    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(latents)
+    latents = latents * std + mean
+    return latents.view(b, 32, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, 32, 2 * h, 2 * w)
+
+
 @torch.no_grad()
 def encode_images(vae, pixels: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) in [-1, 1] -> normalised latents (B, 128, H/16, W/16), in the VAE's dtype.

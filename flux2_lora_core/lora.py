@@ -80,15 +80,21 @@ def add_lora(transformer: torch.nn.Module, *, rank: int, alpha: float, dropout: 
     whatever was drawn from the global generator before.
     """
     from peft import LoraConfig
+    from peft.tuners.lora import LoraLayer
 
     names = resolve_targets(transformer, targets)
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=names,
                         init_lora_weights=True)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        transformer.add_adapter(config, adapter_name=adapter_name)
+    transformer.add_adapter(config, adapter_name=adapter_name)
     for parameter in trainable_parameters(transformer):
-        parameter.data = parameter.data.float()  # optimizer state and updates in fp32 over a bf16 base
+        parameter.data = parameter.data.float()  # optimizer state and updates in fp32 over a bf16 or fp8 base
+    # Initialised again now that the weights are fp32: peft draws them in the base layer's dtype, which for an
+    # fp8 base leaves A with a handful of distinct values. Seeded here, so the init is the run's own.
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+        torch.manual_seed(seed)
+        for module in transformer.modules():
+            if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
+                module.reset_lora_parameters(adapter_name, True)
     log.info("LoRA rank %d, alpha %g on %d layers (%s), %.2fM trainable parameters", rank, alpha, len(names),
              targets, sum(p.numel() for p in trainable_parameters(transformer)) / 1e6)
     return names

@@ -159,14 +159,15 @@ def run_range_test(config, *, min_lr: float = 1e-7, max_lr: float = 1e-2, steps:
     lr_range_test.json; no LoRA is saved, since its weights were trained at every rate at once.
     """
     import json
+    import time
 
-    from .buckets import resolution_at
     from .trainer import Callbacks, StepReport, cleanup, micro_step, optimizer_step, setup
 
     callbacks = callbacks or Callbacks()
     test = RangeTest(min_lr, max_lr, steps)
+    # One resolution (the last of a schedule): a change of resolution midway would jump the loss level.
     config = config.replace({"train.steps": steps, "train.lr_scheduler": "constant", "train.warmup_steps": 0,
-                             "sample.every": 0, "sample.at_start": False,
+                             "sample.every": 0, "sample.at_start": False, "data.resolution": [config.data.resolution[-1]],
                              "output.name": f"{config.output.name}-find-lr"})
     s = setup(config, callbacks, encoders, transformer)
     accumulation = config.train.gradient_accumulation
@@ -176,12 +177,12 @@ def run_range_test(config, *, min_lr: float = 1e-7, max_lr: float = 1e-2, steps:
                 break
             for group in s.optimizer.param_groups:
                 group["lr"] = test.lr(step)
-            resolution = resolution_at(step, config.data.resolution, steps)
+            resolution, tick = config.data.resolution[0], time.perf_counter()
             loss = sum(float(micro_step(s, s.streams[resolution].next(), resolution, 1 / accumulation))
                        for _ in range(accumulation)) / accumulation
             optimizer_step(s, want_norm=False)
             s.step += 1
-            s.metrics.record(s.step, loss=loss, lr=test.lr(step))
+            s.metrics.record(s.step, loss=loss, lr=test.lr(step), step_time=time.perf_counter() - tick)
             going = test.record(step, loss)
             callbacks.on_step(StepReport(s.step, steps, loss, test.lr(step), 0.0, 0.0))
             if not going:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .devices import free_memory
+from .encoding import decoder_latents
 from .tiny_models import shipped_config
 
 log = logging.getLogger(__name__)
@@ -46,11 +47,17 @@ def generate(transformer, vae, family: str, prompt_embeds: list[torch.Tensor], n
         for embedding in prompt_embeds:
             kwargs = dict(prompt_embeds=embedding[None].to(device, dtype), height=size, width=size,
                           num_inference_steps=steps, guidance_scale=guidance,
-                          generator=torch.Generator("cpu").manual_seed(seed), output_type="pil")
+                          generator=torch.Generator("cpu").manual_seed(seed), output_type="latent")
             if family == "klein":
                 kwargs["negative_prompt_embeds"] = negative[None].to(device, dtype)
             pipe.set_progress_bar_config(disable=True)
-            images += pipe(**kwargs).images
+            latents = pipe(**kwargs).images  # [klein]: (1, 32, H/8, W/8); [dev]: the packed (1, h*w, 128) tokens
+            if latents.ndim == 3:
+                latents = decoder_latents(vae, latents, size // 16, size // 16)
+            # Decoded here, in the VAE's own dtype: it may differ from the transformer's (an fp32 VAE beside bf16).
+            vae_param = next(vae.parameters())
+            pixels = vae.decode(latents.to(vae_param.device, vae_param.dtype), return_dict=False)[0]
+            images += pipe.image_processor.postprocess(pixels, output_type="pil")
     finally:
         transformer.train(was_training)
         del pipe

@@ -1,0 +1,98 @@
+"""The command line's terminal side: progress bars for the engine's callbacks, and Ctrl+C handling.
+
+Kept out of the engine (which reports through callbacks) and out of cli.py (which parses and dispatches).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+EXIT_OK = 0
+
+
+class ProgressBars:
+    """The engine's progress(phase, done, total) callbacks as terminal bars with items/s and ETA."""
+
+    def __init__(self):
+        self.bars = {}
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        bar = self.bars.get(phase)
+        if bar is None:
+            bar = self.bars[phase] = tqdm(total=total, desc=phase, unit="item", mininterval=0.5, file=sys.stderr)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for bar in self.bars.values():
+            bar.close()
+
+
+class StopOnSignal:
+    """The first SIGINT/SIGTERM asks the trainer to stop after the current step and write a checkpoint (audit
+    4.4); a second one aborts at once. `code` is the exit status to end with: 128 + the signal's number."""
+
+    def __init__(self):
+        self.signal = None
+        self.training = False   # set by the first step: before it there is nothing to save, so stop at once
+
+    def _handle(self, signum, frame):
+        if self.signal is not None or not self.training:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        self.signal = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this step and writing a checkpoint "
+              "(press Ctrl+C again to abort now)", file=sys.stderr)
+
+    def __enter__(self):
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    @property
+    def code(self) -> int:
+        return EXIT_OK if self.signal is None else 128 + self.signal
+
+
+class TrainingBar:
+    """Trainer callbacks as a terminal progress bar: step, loss, lr, it/s and ETA (audit 5.1)."""
+
+    def __init__(self, desc: str = "train", stop: StopOnSignal | None = None):
+        from tqdm import tqdm
+
+        self.tqdm, self.desc, self.bar, self.stop = tqdm, desc, None, stop
+        self.setup = ProgressBars()
+
+    def on_progress(self, phase, done, total):
+        self.setup(phase, done, total)
+
+    def on_step(self, report):
+        if self.stop is not None:
+            self.stop.training = True
+        if self.bar is None:
+            self.bar = self.tqdm(total=report.total, desc=self.desc, unit="step", file=sys.stderr, mininterval=0.5)
+        self.bar.update(report.step - self.bar.n)
+        if report.loss is not None:
+            self.bar.set_postfix(loss=f"{report.loss:.4f}", lr=f"{report.lr:.2e}", refresh=False)
+
+    def on_sample(self, step, paths):
+        if self.bar is not None:
+            self.bar.write(f"samples at step {step}: {paths[0].parent}")
+
+    def should_stop(self):
+        return self.stop is not None and self.stop.signal is not None
+
+    def close(self):
+        self.setup.__exit__()
+        if self.bar is not None:
+            self.bar.close()
