@@ -105,6 +105,11 @@ class BatchStream:
     def _epoch_batches(self) -> list[list[int]]:
         return bucket_batches(self.groups, self.repeats, self.batch_size, seed=self.seed, epoch=self.epoch)
 
+    def seek(self, epoch: int, position: int) -> None:
+        """Continue from a saved place: the epoch's order is recomputed, never stored."""
+        self.epoch, self.position = epoch, position
+        self._batches = self._epoch_batches()
+
     def next(self) -> list[int]:
         if self.position >= len(self._batches):
             self.epoch, self.position = self.epoch + 1, 0

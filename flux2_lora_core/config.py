@@ -209,8 +209,12 @@ class SampleConfig(_Section):
 
 @dataclass(frozen=True)
 class CheckpointConfig(_Section):
-    every: int = option(0, "save the LoRA so far every N steps in checkpoints/step_N/; 0: never", min=0)
-    keep: int = option(3, "checkpoints kept (the newest); older ones are removed", min=1)
+    every: int = option(500, "save a resumable checkpoint every N steps (and always at the end); 0: only at the end",
+                        min=0)
+    keep: int = option(3, "newest checkpoints kept, plus the one with the best smoothed loss; 0: no count limit "
+                       "(then only checkpoint.max_age_days removes)", min=0)
+    max_age_days: float = option(0.0, "also remove checkpoints older than this many days (never the newest "
+                                 "checkpoint.keep or the best); 0: no age limit", min=0)
 
 
 @dataclass(frozen=True)
@@ -276,8 +280,14 @@ def config_from_dict(d: Mapping) -> Config:
     return _build(d, [])
 
 
-def load_config(path=None, overrides: Sequence[str] = (), base: Mapping | Config | None = None) -> Config:
-    """defaults < base < YAML file < overrides (in order); every problem of all of them in one ConfigError."""
+def load_config(path=None, overrides: Sequence[str] = (), base: Mapping | Config | None = None, *,
+                check=None) -> Config:
+    """defaults < base < YAML file < overrides (in order); every problem of all of them in one ConfigError.
+
+    `check(config)` returns the problems a command finds in a whole config (missing paths, settings that
+    contradict each other); it runs even when some keys are bad (on the config with those at their
+    defaults), so the user sees everything in one message rather than one round per kind of mistake.
+    """
     if isinstance(overrides, str):
         overrides = [overrides]
     problems: list[tuple[str, str]] = []
@@ -287,7 +297,22 @@ def load_config(path=None, overrides: Sequence[str] = (), base: Mapping | Config
         _merge(raw, _read_yaml(path, problems))
     for text in overrides:
         _parse_override(text, raw, problems)
-    return _build(raw, problems)
+    config, problems = _build(raw, problems, partial=True)
+    if check is not None:
+        # A section with a bad key was checked with that key at its default: only its paths are still worth
+        # reporting (e.g. no "warmup not below train.steps=1000" when the user's train.steps was the typo).
+        reported, bad_sections = {key for key, _ in problems}, {key.partition(".")[0] for key, _ in problems}
+        problems += [(key, msg) for key, msg in check(config) if key not in reported
+                     and (key.partition(".")[0] not in bad_sections or _is_path(key))]
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def _is_path(key: str) -> bool:
+    section, _, name = key.partition(".")
+    cls = _sections().get(section)
+    return bool(cls) and any(f.name == name and f.metadata["path"] for f in fields(cls))
 
 
 class KeyInfo(NamedTuple):

@@ -40,5 +40,22 @@ class ModelError(Flux2LoraError):
     """A model file or folder is missing, truncated, of the wrong kind or mismatched."""
 
 
+class CheckpointError(Flux2LoraError):
+    """A training checkpoint is missing, incomplete or damaged, and must not be resumed from.
+
+    `path` is the file or folder at fault and `reason` the short "<file>: <what is wrong>" part of the message
+    (what `checkpoint.newest_intact` lists for each checkpoint it skips); both may be None.
+    """
+
+    def __init__(self, message: str, *, path=None, reason: str | None = None):
+        self.path = path
+        self.reason = reason if reason is not None else message
+        super().__init__(message)
+
+
 class ExportError(Flux2LoraError):
     """A LoRA file cannot be written, read or converted (wrong kind of file, unknown key layout, ...)."""
+
+
+class TrainingDiverged(Flux2LoraError):
+    """The loss became NaN or infinite: the weights are ruined, and continuing would only save a broken LoRA."""

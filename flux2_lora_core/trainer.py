@@ -18,7 +18,7 @@ import json
 import logging
 import math
 import platform
-import shutil
+import re
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -30,10 +30,11 @@ from . import __version__
 from .buckets import BatchStream, resolution_at
 from .config import Config, check_paths
 from .devices import choose_device, choose_dtype, free_memory, peak_memory_mb, release
-from .errors import ConfigError
+from .errors import ConfigError, Flux2LoraError, TrainingDiverged
 from .flow_matching import PositionIds, sample_sigmas, shift_sigmas, training_loss
 from .lora import add_lora, trainable_parameters
 from .metrics import MetricsLog, plot_training_curves
+from .training_state import save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +83,8 @@ class TrainingResult:
 
 
 # ---------------------------------------------------------------------------------------------- checks
-def check_training_config(config: Config) -> None:
-    """Every problem with a training config at once, before anything loads (audit 3.3)."""
+def training_problems(config: Config) -> list[tuple[str, str]]:
+    """What keeps a valid config from training: missing paths, settings that contradict each other."""
     problems = check_paths(config, needs=("model", "data"))
     t, s = config.train, config.sample
     if t.warmup_steps >= t.steps and t.warmup_steps:
@@ -91,6 +92,14 @@ def check_training_config(config: Config) -> None:
                                                "the learning rate would never reach train.lr"))
     if t.warmup_steps and t.lr_scheduler == "constant":
         problems.append(("train.lr_scheduler", "'constant' ignores train.warmup_steps: use constant_with_warmup"))
+    targets = config.lora.targets.strip()
+    if not targets:
+        problems.append(("lora.targets", "empty: use attention_mlp (default), attention, names or 'regex:...'"))
+    elif targets.startswith("regex:"):
+        try:
+            re.compile(targets[len("regex:"):])
+        except re.error as exc:
+            problems.append(("lora.targets", f"{targets!r} is not a valid regular expression: {exc}"))
     if s.resolution % 16:
         problems.append(("sample.resolution", f"{s.resolution} must be a multiple of 16 (or 0)"))
     if t.optimizer == "adamw8bit":
@@ -102,8 +111,15 @@ def check_training_config(config: Config) -> None:
     if len(config.data.resolution) > t.steps:
         problems.append(("data.resolution", f"{len(config.data.resolution)} resolutions for {t.steps} steps: "
                                             "each stage of the schedule needs at least one step"))
+    return problems
+
+
+def check_training_config(config: Config) -> None:
+    """Every problem with a training config at once, before anything loads (audit 3.3); warnings logged."""
+    problems = training_problems(config)
     if problems:
         raise ConfigError(problems)
+    t = config.train
     effective = t.batch_size * t.gradient_accumulation
     if effective > EFFECTIVE_BATCH_WARNING:
         log.warning("effective batch %d (train.batch_size=%d x train.gradient_accumulation=%d) is above %d: "
@@ -139,9 +155,11 @@ def _optimizer(params, t) -> torch.optim.Optimizer:
 
 
 def _autocast(device: torch.device, base_dtype: torch.dtype, mode: str):
-    """(autocast dtype or None, GradScaler or None) for train.mixed_precision."""
+    """(autocast dtype or None, GradScaler or None) for train.mixed_precision. "auto": bf16 where the device
+    has it (CUDA with bf16, or weights already bf16), fp16 over fp16 weights, else off (fp32 on the CPU)."""
     if mode == "auto":
-        mode = "bf16" if base_dtype == torch.bfloat16 else "fp16" if base_dtype == torch.float16 else "no"
+        bf16 = base_dtype == torch.bfloat16 or (device.type == "cuda" and torch.cuda.is_bf16_supported())
+        mode = "bf16" if bf16 and base_dtype != torch.float16 else "fp16" if base_dtype == torch.float16 else "no"
     if mode == "no":
         return None, None
     dtype = torch.bfloat16 if mode == "bf16" else torch.float16
@@ -186,9 +204,10 @@ def _sample_prompts(config: Config, cache) -> tuple[list[str], list[torch.Tensor
     return [cache.items[i].path for i in chosen], [cache.text(i) for i in chosen]
 
 
-def setup(config: Config, callbacks: Callbacks, encoders=None, transformer=None) -> Session:
+def setup(config: Config, callbacks: Callbacks, encoders=None, transformer=None, *, resume=None) -> Session:
     """Cache, model, LoRA, optimizer: everything before the first step. `encoders`/`transformer` may be
-    given already loaded (tests, the demo, a ComfyUI graph); otherwise they load from config.model."""
+    given already loaded (tests, the demo, a ComfyUI graph); otherwise they load from config.model.
+    `resume` = (run_dir, tensors, documents) of a verified checkpoint continues that run in run_dir."""
     from diffusers.optimization import get_scheduler
 
     from .dataset import load_dataset
@@ -209,6 +228,14 @@ def setup(config: Config, callbacks: Callbacks, encoders=None, transformer=None)
                                batch_size=config.cache.batch_size, verify=config.cache.verify,
                                progress=callbacks.on_progress, prompts=config.sample.prompts)
     prompts, embeds = _sample_prompts(config, cache)
+    if t.batch_size > 1:
+        lengths = {i: cache.text_length(i) for i in range(len(cache))}
+        common = cache.text_length(None)
+        longer = sorted(cache.items[i].path for i, n in lengths.items() if n != common)
+        if longer:
+            raise ConfigError([("train.batch_size", f"{len(longer)} captions encode to more than {common} tokens "
+                                                    f"(e.g. {longer[0]}), and a batch needs equal lengths: shorten "
+                                                    "them or use train.batch_size=1")])
 
     device = choose_device(config.model.device)
     dtype = choose_dtype(config.model.dtype, device)
@@ -227,6 +254,10 @@ def setup(config: Config, callbacks: Callbacks, encoders=None, transformer=None)
     if variant.family != cache.family:
         raise ConfigError([("model.path", f"the transformer is FLUX.2 [{variant.family}] but the latent cache was "
                                           f"encoded for [{cache.family}]: use matching files")])
+    torch.manual_seed(t.seed)  # LoRA dropout draws from torch's global generator (forked by train())
+    if getattr(transformer, "peft_config", None):
+        raise ConfigError([("model.path", "the transformer given already has a LoRA adapter "
+                                          f"({', '.join(transformer.peft_config)}): pass the base model")])
     targets = add_lora(transformer, rank=config.lora.rank, alpha=config.lora.alpha, dropout=config.lora.dropout,
                        targets=config.lora.targets, seed=t.seed)
     if t.gradient_checkpointing:
@@ -240,12 +271,20 @@ def setup(config: Config, callbacks: Callbacks, encoders=None, transformer=None)
     scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps,
                               num_training_steps=t.steps)
     autocast_dtype, scaler = _autocast(device, dtype, t.mixed_precision)
-    run_dir = new_run_dir(config)
+    run_dir = resume[0] if resume else new_run_dir(config)
+    step = int(resume[2]["state"]["step"]) if resume else None
     streams = {r: BatchStream(cache, r, t.batch_size, t.seed) for r in data.resolution}
     session = Session(config, run_dir, cache, encoders, transformer, variant, targets, optimizer, scheduler, scaler,
                       autocast_dtype, device, dtype, streams, torch.Generator("cpu").manual_seed(t.seed),
-                      PositionIds(), MetricsLog(run_dir / "metrics.jsonl"), prompts, embeds, base_fingerprint)
+                      PositionIds(), MetricsLog(run_dir / "metrics.jsonl", truncate_after=step), prompts, embeds,
+                      base_fingerprint)
+    if resume:
+        from .training_state import restore
+
+        restore(session, resume[1], resume[2])
     _write_run_json(session)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)   # memory_mb: training's peak, not the encoders' before it
     return session
 
 
@@ -312,11 +351,15 @@ def optimizer_step(s: Session, want_norm: bool) -> torch.Tensor | None:
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params
                                                      if p.grad is not None]))
     if s.scaler:
+        scale = s.scaler.get_scale()
         s.scaler.step(s.optimizer)
         s.scaler.update()
+        skipped = s.scaler.get_scale() < scale   # inf/NaN gradients: no update happened, so no schedule step
     else:
         s.optimizer.step()
-    s.scheduler.step()
+        skipped = False
+    if not skipped:
+        s.scheduler.step()
     s.optimizer.zero_grad(set_to_none=True)
     return norm.detach() if norm is not None and want_norm else None
 
@@ -384,7 +427,7 @@ def train_loop(s: Session, callbacks: Callbacks) -> bool:
             if s.config.sample.every and s.step % s.config.sample.every == 0 and s.step < t.steps:
                 sample(s, callbacks)
             if s.config.checkpoint.every and s.step % s.config.checkpoint.every == 0 and s.step < t.steps:
-                save_snapshot(s)
+                save_checkpoint(s)
         return False
     finally:
         if pending:
@@ -404,9 +447,11 @@ def _log(s: Session, pending, norm) -> float:
             extra["memory_mb"] = memory
         s.metrics.record(step, loss=loss, lr=lr, step_time=seconds, **extra)
     s.losses += losses
-    if not all(math.isfinite(v) for v in losses):
-        log.warning("loss is %s at step %d: lower train.lr or use train.mixed_precision=bf16", losses[-1],
-                    pending[-1][0])
+    bad = next((step for (step, *_), v in zip(pending, losses) if not math.isfinite(v)), None)
+    if bad is not None:
+        raise TrainingDiverged(f"the loss became {losses[-1]} at step {bad} (lr {pending[-1][2]:.3g}): the LoRA "
+                               "weights are no longer usable. Resume from an earlier checkpoint with a lower "
+                               "train.lr, or use train.mixed_precision=bf16 instead of fp16")
     return losses[-1]
 
 
@@ -430,35 +475,42 @@ def save(s: Session, path: Path | None = None) -> Path:
     return path
 
 
-def save_snapshot(s: Session) -> Path:
-    """checkpoints/step_NNNNNN/<name>.safetensors: the LoRA at this step, usable like the final one; only
-    the newest checkpoint.keep are kept."""
-    folder = s.run_dir / "checkpoints"
-    path = save(s, folder / f"step_{s.step:06d}" / f"{s.config.output.name}.safetensors")
-    for old in sorted(folder.glob("step_*"))[:-s.config.checkpoint.keep]:
-        shutil.rmtree(old)
-    return path
-
-
 def cleanup(s: Session, *, release_model: bool) -> None:
     s.metrics.close()
     s.cache.close()
     if release_model:
         release(s.transformer)
+    else:
+        hand_back(s.transformer)
     free_memory()
 
 
-def train(config: Config, callbacks: Callbacks | None = None, *, encoders=None, transformer=None) -> TrainingResult:
-    """The whole run. Encoders and transformer load from config.model unless given (then they are not freed)."""
+def hand_back(transformer) -> None:
+    """A transformer the caller gave us goes back as it came: no adapter, no checkpointing, eval mode."""
+    if getattr(transformer, "peft_config", None):
+        transformer.delete_adapters(list(transformer.peft_config))
+    transformer.disable_gradient_checkpointing()
+    transformer.eval()
+
+
+def train(config: Config, callbacks: Callbacks | None = None, *, encoders=None, transformer=None,
+          resume=None) -> TrainingResult:
+    """The whole run. Encoders and transformer load from config.model unless given (then they are not freed).
+    `resume`: see setup (resume.py builds it from a checkpoint)."""
     callbacks = callbacks or Callbacks()
-    s = setup(config, callbacks, encoders, transformer)
-    try:
-        stopped = train_loop(s, callbacks)
-        if not stopped:
-            sample(s, callbacks)
-        lora_path = save(s)
-        curves = plot_training_curves(s.run_dir / "metrics.jsonl", s.run_dir / "training_curves.png",
-                                      title=f"{config.output.name} ({s.variant.name})")
-    finally:
-        cleanup(s, release_model=transformer is None)
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):  # the host's generators stay as they were
+        s = setup(config, callbacks, encoders, transformer, resume=resume)
+        try:
+            stopped = train_loop(s, callbacks)
+            save_checkpoint(s)        # at the end, or where a stop request ended the run: resumable either way
+            lora_path = save(s)
+            curves = plot_training_curves(s.run_dir / "metrics.jsonl", s.run_dir / "training_curves.png",
+                                          title=f"{config.output.name} ({s.variant.name})")
+            if not stopped:
+                try:
+                    sample(s, callbacks)
+                except (RuntimeError, Flux2LoraError) as exc:  # the LoRA is saved: a failed sample loses nothing
+                    log.warning("the final samples failed (%s); the LoRA is at %s", exc, lora_path)
+        finally:
+            cleanup(s, release_model=transformer is None)
     return TrainingResult(s.run_dir, lora_path, s.step, stopped, list(s.losses), list(s.samples), curves)

@@ -63,9 +63,11 @@ def test_a_run_writes_every_output_and_reports_progress(workspace, tmp_path):
     assert all("grad_norm" in m for m in metrics if m["step"] % 2 == 0)      # computed on logging steps only
     assert not any("grad_norm" in m for m in metrics if m["step"] % 2)
     assert (run / "training_curves.png").stat().st_size > 1000
-    snapshots = sorted(p.relative_to(run).as_posix() for p in (run / "checkpoints").rglob("*.safetensors"))
-    assert snapshots == ["checkpoints/step_000004/flux2_lora.safetensors",
-                         "checkpoints/step_000005/flux2_lora.safetensors"]          # the newest checkpoint.keep
+    from flux2_lora_core.checkpoint import find_checkpoints
+
+    kept = [p.name for p in find_checkpoints(run)]     # the newest checkpoint.keep, and the best by smoothed loss
+    assert kept[-2:] == ["step_000005", "step_000006"] and len(kept) <= 3
+    assert (run / "checkpoints" / "step_000006" / "flux2_lora-step6.safetensors").exists()
     assert [step for step, _ in recorder.samples] == [0, 3, 6]                # at start, every 3, at the end
     assert len(list((run / "samples").glob("*.png"))) == 6                    # two prompts each time
     assert [r.step for r in recorder.reports] == [1, 2, 3, 4, 5, 6] and recorder.reports[-1].eta_seconds == 0
@@ -153,9 +155,19 @@ def test_the_trained_lora_file_reproduces_the_trained_model(workspace, tmp_path)
     """The file the trainer writes (ComfyUI-native keys), loaded by diffusers into a fresh pipeline."""
     from flux2_lora_core.flow_matching import image_ids, predict_velocity, text_ids
 
-    pipe = build_tiny_pipeline("klein", seed=0)          # the weights write_tiny_model wrote to workspace/model
-    result = trainer.train(make_config(workspace, tmp_path, "train.steps=4", "train.lr=1e-2"),
-                           transformer=pipe.transformer)
+    from peft import set_peft_model_state_dict
+
+    from flux2_lora_core.checkpoint import find_checkpoints, read_checkpoint
+    from flux2_lora_core.lora import add_lora
+
+    given = build_tiny_pipeline("klein", seed=0).transformer   # the weights write_tiny_model wrote
+    result = trainer.train(make_config(workspace, tmp_path, "train.steps=4", "train.lr=1e-2"), transformer=given)
+    assert not getattr(given, "peft_config", None) and not given.training        # handed back as it came
+    # The trained model, exactly: the final checkpoint's peft weights on the base model.
+    pipe = build_tiny_pipeline("klein", seed=0)
+    add_lora(pipe.transformer, rank=4, alpha=16.0, dropout=0.0, targets="attention_mlp", seed=0)
+    tensors, _ = read_checkpoint(find_checkpoints(result.run_dir)[-1])
+    set_peft_model_state_dict(pipe.transformer, tensors["adapter"])
     fresh = build_tiny_pipeline("klein", seed=0)
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(1, 128, 4, 4, generator=generator)
@@ -172,3 +184,13 @@ def test_the_trained_lora_file_reproduces_the_trained_model(workspace, tmp_path)
     loaded = run(fresh.transformer)
     assert (trained - base).abs().max() > 1e-3                 # the LoRA learned something visible
     assert (loaded - trained).abs().max() <= 1e-5
+
+
+def test_a_diverged_run_stops_instead_of_saving_a_broken_lora(workspace, tmp_path):
+    from flux2_lora_core.errors import TrainingDiverged
+
+    config = make_config(workspace, tmp_path, "train.steps=30", "train.optimizer=sgd", "train.lr=1e12",
+                         "train.max_grad_norm=0", "train.log_every=1")
+    with pytest.raises(TrainingDiverged, match="the loss became"):
+        trainer.train(config)
+    assert not (tmp_path / "out" / "flux2_lora" / "lora").exists()

@@ -1,0 +1,130 @@
+"""Checkpoints in the trainer: exact resume, settings changed on resume, and interruption by signal."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flux2_lora_core import trainer
+from flux2_lora_core.checkpoint import checkpoint_step, find_checkpoints
+from flux2_lora_core.config import load_config
+from flux2_lora_core.demo_data import write_demo_dataset
+from flux2_lora_core.errors import CheckpointError, ConfigError
+from flux2_lora_core.resume import resume
+from flux2_lora_core.tiny_models import write_tiny_model
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    write_tiny_model(root / "model", variant="klein")
+    write_demo_dataset(root / "data", count=4, size=256)
+    return root
+
+
+def settings(root, out, *overrides):
+    # Every source of randomness is on: flips, caption dropout, LoRA dropout, logit-normal timesteps, a warm-up
+    # schedule, accumulation over two buckets' batches.
+    return [f"model.path={root / 'model'}", f"data.path={root / 'data'}", "data.resolution=64", "data.flip=true",
+            f"cache.dir={root / 'cache'}", f"output.dir={out}", "lora.rank=4", "lora.dropout=0.1",
+            "train.caption_dropout=0.3", "train.lr=1e-3", "train.lr_scheduler=cosine", "train.warmup_steps=2",
+            "train.gradient_accumulation=2", "train.log_every=3", "sample.steps=1", "sample.resolution=64",
+            "sample.guidance=1.0", *overrides]
+
+
+def test_k_steps_then_resume_k_steps_equals_2k_steps(workspace, tmp_path):
+    straight = trainer.train(load_config(None, settings(workspace, tmp_path / "a", "train.steps=8")))
+
+    first = trainer.train(load_config(None, settings(workspace, tmp_path / "b", "train.steps=8")),
+                          StopAfter(4))
+    assert first.stopped_early and first.steps == 4
+    assert [p.name for p in find_checkpoints(first.run_dir)] == ["step_000004"]
+    second = resume(first.run_dir)
+
+    assert second.run_dir == first.run_dir and second.steps == 8
+    assert first.losses + second.losses == straight.losses          # bit-identical on the CPU in fp32
+    a, b = load_file(straight.lora_path), load_file(second.lora_path)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    logged = [json.loads(line)["step"] for line in (first.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, 9))                              # each step once, in order
+
+
+class StopAfter(trainer.Callbacks):
+    def __init__(self, steps):
+        self.steps, self.seen = steps, 0
+
+    def on_step(self, report):
+        self.seen = report.step
+
+    def should_stop(self):
+        return self.seen >= self.steps
+
+
+def test_resume_reports_changes_refuses_fixed_ones_and_checks_the_data(workspace, tmp_path, caplog):
+    run = trainer.train(load_config(None, settings(workspace, tmp_path, "train.steps=3"))).run_dir
+    with pytest.raises(ConfigError) as error:
+        resume(run)                                                 # complete: nothing to do without --steps
+    assert error.value.problems[0][0] == "train.steps"
+    with pytest.raises(ConfigError) as error:
+        resume(run, steps=2, overrides=["lora.rank=8", "train.optimizer=sgd"])
+    assert [key for key, _ in error.value.problems] == ["lora.rank", "train.optimizer"]
+
+    more = resume(run, steps=2, overrides=["train.lr=5e-4"])
+    assert more.steps == 5 and "train.lr: 0.001 in the checkpoint, 0.0005 now: the new value is used" in caplog.text
+
+    with pytest.raises(CheckpointError, match="changed since this checkpoint"):
+        resume(run, steps=1, overrides=["data.trigger_word=xyz"])   # other captions: other training data
+
+
+def test_sigint_finishes_the_step_checkpoints_and_resumes(workspace, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "flux2_lora_core", "train", *settings(workspace, tmp_path, "train.steps=100000",
+                                                                           "output.name=run")]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and metrics.stat().st_size) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and f"flux2-lora resume {tmp_path / 'run'}" in out
+    (checkpoint,) = find_checkpoints(tmp_path / "run")
+    stopped_at = checkpoint_step(checkpoint)
+
+    done = subprocess.run([sys.executable, "-m", "flux2_lora_core", "resume", tmp_path / "run", "--steps", "2"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"trained {stopped_at + 2} steps" in done.stdout
+
+
+def test_resume_skips_a_damaged_checkpoint_and_refuses_one_named_directly(workspace, tmp_path):
+    run = trainer.train(load_config(None, settings(workspace, tmp_path, "train.steps=4", "checkpoint.every=2"))).run_dir
+    older, newest = find_checkpoints(run)
+    adapter = newest / "adapter.safetensors"
+    data = bytearray(adapter.read_bytes())
+    data[len(data) // 2] ^= 0x01                                   # one flipped bit in the LoRA weights
+    adapter.write_bytes(bytes(data))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+
+    direct = subprocess.run([sys.executable, "-m", "flux2_lora_core", "resume", newest, "--steps", "1"], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert direct.returncode == 1 and "Traceback" not in direct.stderr
+    assert "adapter.safetensors" in direct.stderr and "must not be used" in direct.stderr
+
+    done = subprocess.run([sys.executable, "-m", "flux2_lora_core", "resume", run, "--steps", "1"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"skipping checkpoint {newest}" in done.stderr and "adapter.safetensors" in done.stderr
+    assert f"from step {checkpoint_step(older)} " in done.stderr and "trained 3 steps" in done.stdout
