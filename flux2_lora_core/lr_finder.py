@@ -7,13 +7,12 @@ each step's loss to `RangeTest.record`, stop when it returns False (the loss has
 
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 
 from .cache_store import write_atomically
 from .errors import ConfigError
-from .metrics import centred_mean
+from .metrics import centred_mean, new_figure, save_figure
 
 MIN_POINTS = 8  # fewer recorded steps than this give no suggestion
 
@@ -116,11 +115,7 @@ class RangeTest:
 
 def plot_range_test(test: RangeTest, out_png) -> Path:
     """Loss against lr (log x): per step (faint), smoothed, and a marker at the suggestion. Atomic PNG."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(8, 5), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = new_figure(8, 5)
     ax = fig.subplots()
     ax.set_title("learning-rate range test")
     if test.losses:
@@ -143,12 +138,7 @@ def plot_range_test(test: RangeTest, out_png) -> Path:
     ax.set_xlabel("learning rate")
     ax.set_ylabel("loss")
     ax.grid(True, alpha=0.3, which="both")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(out, buf.getvalue())
-    return out
+    return save_figure(fig, out_png)
 
 
 def run_range_test(config, *, min_lr: float = 1e-7, max_lr: float = 1e-2, steps: int = 100, callbacks=None,

@@ -162,9 +162,6 @@ def plot_training_curves(metrics_path, out_png, *, title: str = "") -> Path:
     Uses a private Figure on the Agg canvas, never pyplot, so it is safe in ComfyUI's worker threads
     and does not touch matplotlib's global backend. The PNG is written atomically.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     columns: dict[str, tuple[list[int], list[float]]] = {key: ([], []) for key, _ in PANELS}
     bad_loss = 0
     for row in iter_metrics(metrics_path):
@@ -175,8 +172,7 @@ def plot_training_curves(metrics_path, out_png, *, title: str = "") -> Path:
                 columns[key][1].append(float(v))
             elif key == "loss" and "loss" in row:
                 bad_loss += 1
-    fig = Figure(figsize=(11, 7.5), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = new_figure(11, 7.5)
     for ax, (key, label) in zip(fig.subplots(2, 2).flat, PANELS):
         steps, values = columns[key]
         ax.set_title(label + (f" ({bad_loss} non-finite steps not shown)" if key == "loss" and bad_loss else ""))
@@ -201,6 +197,21 @@ def plot_training_curves(metrics_path, out_png, *, title: str = "") -> Path:
         ax.grid(True, alpha=0.3)
     if title:
         fig.suptitle(title)
+    return save_figure(fig, out_png)
+
+
+def new_figure(width: float, height: float):
+    """A private Figure on the Agg canvas, never pyplot: pyplot's global state is unsafe in ComfyUI's threads."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_figure(fig, out_png) -> Path:
+    """Written atomically: a run killed mid-write never leaves a truncated PNG."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     out = Path(out_png)

@@ -62,10 +62,14 @@ def test_bad_settings_are_listed_together_without_a_traceback(workspace, tmp_pat
                cwd=workspace)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     keys = ("lora.rank", "train.lr", "train.optimizer", "data.resolution", "sample.every", "lora.alpah",
-            "model.path", "data.path", "train.warmup_steps", "train.lr_scheduler")  # values, paths, combinations
+            "model.path", "data.path")     # bad values and paths at once; no contradiction judged on a default
     reported = [line.split(":")[0].strip() for line in done.stderr.splitlines()[1:]]
     assert sorted(reported) == sorted(keys), done.stderr
     assert "did you mean `lora.alpha`?" in done.stderr
+
+    done = cli("train", "model.path=missing", "lora.rank=0", "train.steps=2", "train.warmup_steps=5", cwd=workspace)
+    reported = [line.split(":")[0].strip() for line in done.stderr.splitlines()[1:]]
+    assert sorted(reported) == ["data.path", "lora.rank", "model.path", "train.lr_scheduler", "train.warmup_steps"]
 
 
 def test_find_lr_writes_the_plot_and_a_suggestion(workspace, tmp_path):
