@@ -83,11 +83,16 @@ def test_resume_reports_changes_refuses_fixed_ones_and_checks_the_data(workspace
     more = resume(run, steps=2, overrides=["train.lr=5e-4"])
     assert more.steps == 5 and "train.lr: 0.001 in the checkpoint, 0.0005 now: the new value is used" in caplog.text
 
+    elsewhere = resume(run, steps=1, output=tmp_path / "elsewhere")          # --output: a new run folder
+    assert elsewhere.run_dir == tmp_path / "elsewhere" / "flux2_lora" and elsewhere.steps == 6
+    assert (run / "lora" / "flux2_lora.safetensors").exists() and len(find_checkpoints(elsewhere.run_dir)) == 1
+
     with pytest.raises(CheckpointError, match="changed since this checkpoint"):
         resume(run, steps=1, overrides=["data.trigger_word=xyz"])   # other captions: other training data
 
 
-def test_sigint_finishes_the_step_checkpoints_and_resumes(workspace, tmp_path):
+@pytest.mark.parametrize("sent, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_finishes_the_step_checkpoints_and_resumes(workspace, tmp_path, sent, code):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "flux2_lora_core", "train", *settings(workspace, tmp_path, "train.steps=100000",
                                                                            "output.name=run")]
@@ -96,9 +101,9 @@ def test_sigint_finishes_the_step_checkpoints_and_resumes(workspace, tmp_path):
     deadline = time.monotonic() + 120
     while not (metrics.exists() and metrics.stat().st_size) and time.monotonic() < deadline:
         time.sleep(0.2)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(sent)
     out, err = process.communicate(timeout=120)
-    assert process.returncode == 130, err
+    assert process.returncode == code, err
     assert "Traceback" not in err and f"flux2-lora resume {tmp_path / 'run'}" in out
     (checkpoint,) = find_checkpoints(tmp_path / "run")
     stopped_at = checkpoint_step(checkpoint)
