@@ -20,6 +20,7 @@ import math
 import platform
 import re
 import time
+from collections import deque
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ from .training_state import save_checkpoint
 
 log = logging.getLogger(__name__)
 
+LOSS_HISTORY = 10_000         # per-step losses kept in memory for the result (metrics.jsonl has them all)
 EFFECTIVE_BATCH_WARNING = 64   # audit 4.2: beyond this, LoRA training rarely improves and steps get slow
 # fp16 loss scaling: LoRA runs are 1-3k steps and start with lora_B = 0 (tiny gradients). torch's default
 # growth interval (2000) would leave the scale where an early overflow backed it off for the whole run.
@@ -77,7 +79,7 @@ class TrainingResult:
     lora_path: Path
     steps: int                  # optimizer steps completed
     stopped_early: bool
-    losses: list[float]         # per optimizer step (each the mean of its micro-batches)
+    losses: list[float]         # per optimizer step of this call (mean of its micro-batches), the last LOSS_HISTORY
     samples: list[Path] = field(default_factory=list)
     curves: Path | None = None
 
@@ -192,7 +194,7 @@ class Session:
     sample_embeds: list[torch.Tensor]
     base_fingerprint: str
     step: int = 0
-    losses: list[float] = field(default_factory=list)
+    losses: deque = field(default_factory=lambda: deque(maxlen=LOSS_HISTORY))   # bounded (audit 2.1)
     samples: list[Path] = field(default_factory=list)
 
 
@@ -446,7 +448,7 @@ def _log(s: Session, pending, norm) -> float:
         if memory is not None:
             extra["memory_mb"] = memory
         s.metrics.record(step, loss=loss, lr=lr, step_time=seconds, **extra)
-    s.losses += losses
+    s.losses.extend(losses)
     bad = next((step for (step, *_), v in zip(pending, losses) if not math.isfinite(v)), None)
     if bad is not None:
         raise TrainingDiverged(f"the loss became {losses[-1]} at step {bad} (lr {pending[-1][2]:.3g}): the LoRA "
