@@ -78,24 +78,12 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
 
 def cmd_cache(args: argparse.Namespace) -> int:
     from .config import check_paths, load_config
-    from .dataset import load_dataset
-    from .encoders import open_encoders
-    from .latent_cache import CacheSettings, build_latent_cache
+    from .latent_cache import cache_for_config
 
-    config = load_config(args.config, args.overrides)
-    problems = check_paths(config, needs=("model", "data"))
-    if problems:
-        raise ConfigError(problems)
-    data = config.data
-    dataset = load_dataset(data.path, caption_extensions=data.caption_extensions, trigger_word=data.trigger_word,
-                           repeats=data.repeats, recursive=data.recursive)
-    encoders = open_encoders(config.model)
-    settings = CacheSettings(resolutions=data.resolution, buckets=data.buckets, max_aspect=data.max_aspect,
-                             flip=data.flip, text_conditioning=config.model.text_conditioning)
+    config = load_config(args.config, args.overrides, check=lambda c: check_paths(c, needs=("model", "data")))
     with ProgressBars() as progress:
-        cache = build_latent_cache(dataset, encoders, settings, cache_dir=config.cache.resolved_dir,
-                                   batch_size=config.cache.batch_size, verify=config.cache.verify, progress=progress)
-    print(f"cached {len(cache)} images of {dataset.root} in {cache.root}")
+        cache, _ = cache_for_config(config, progress=progress)
+    print(f"cached {len(cache)} images of {config.data.path} in {cache.root}")
     print(cache.summary.format_text())
     return EXIT_OK
 

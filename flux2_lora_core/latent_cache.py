@@ -221,4 +221,23 @@ def _encode_captions(encoders, captions, store, family, settings, batch_size, pr
     return empty_key
 
 
-__all__ = ["CacheSettings", "CacheSummary", "CachedItem", "LatentCache", "build_latent_cache", "open_latent_cache"]
+def cache_for_config(config, *, encoders=None, progress=None, prompts=()):
+    """(LatentCache, encoders) for a config's model, data and cache sections: what `flux2-lora cache`, the
+    trainer and the Cache Latents node all do. Encoders open from config.model unless given."""
+    from .dataset import load_dataset
+    from .encoders import open_encoders
+
+    data = config.data
+    dataset = load_dataset(data.path, caption_extensions=data.caption_extensions, trigger_word=data.trigger_word,
+                           repeats=data.repeats, recursive=data.recursive)
+    encoders = encoders or open_encoders(config.model)
+    settings = CacheSettings(resolutions=data.resolution, buckets=data.buckets, max_aspect=data.max_aspect,
+                             flip=data.flip, text_conditioning=config.model.text_conditioning)
+    cache = build_latent_cache(dataset, encoders, settings, cache_dir=config.cache.resolved_dir,
+                               batch_size=config.cache.batch_size, verify=config.cache.verify, progress=progress,
+                               prompts=prompts)
+    return cache, encoders
+
+
+__all__ = ["CacheSettings", "CacheSummary", "CachedItem", "LatentCache", "build_latent_cache", "cache_for_config",
+           "open_latent_cache"]

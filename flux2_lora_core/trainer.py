@@ -212,23 +212,15 @@ def setup(config: Config, callbacks: Callbacks, encoders=None, transformer=None,
     `resume` = (run_dir, tensors, documents) of a verified checkpoint continues that run in run_dir."""
     from diffusers.optimization import get_scheduler
 
-    from .dataset import load_dataset
-    from .encoders import open_encoders
-    from .latent_cache import CacheSettings, build_latent_cache
+    from .latent_cache import cache_for_config
     from .encoders import source_fingerprint
     from .model_sources import resolve_sources
     from .models import load_transformer, weights_fingerprint
 
     check_training_config(config)
     data, t = config.data, config.train
-    dataset = load_dataset(data.path, caption_extensions=data.caption_extensions, trigger_word=data.trigger_word,
-                           repeats=data.repeats, recursive=data.recursive)
-    encoders = encoders or open_encoders(config.model)
-    settings = CacheSettings(resolutions=data.resolution, buckets=data.buckets, max_aspect=data.max_aspect,
-                             flip=data.flip, text_conditioning=config.model.text_conditioning)
-    cache = build_latent_cache(dataset, encoders, settings, cache_dir=config.cache.resolved_dir,
-                               batch_size=config.cache.batch_size, verify=config.cache.verify,
-                               progress=callbacks.on_progress, prompts=config.sample.prompts)
+    cache, encoders = cache_for_config(config, encoders=encoders, progress=callbacks.on_progress,
+                                       prompts=config.sample.prompts)
     prompts, embeds = _sample_prompts(config, cache)
     if t.batch_size > 1:
         lengths = {i: cache.text_length(i) for i in range(len(cache))}
@@ -500,7 +492,10 @@ def train(config: Config, callbacks: Callbacks | None = None, *, encoders=None, 
     """The whole run. Encoders and transformer load from config.model unless given (then they are not freed).
     `resume`: see setup (resume.py builds it from a checkpoint)."""
     callbacks = callbacks or Callbacks()
-    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):  # the host's generators stay as they were
+    # A host may call this under no_grad or inference_mode (ComfyUI runs every node so): training needs autograd.
+    # The host's random generators are left as they were.
+    with torch.inference_mode(False), torch.enable_grad(), torch.random.fork_rng(
+            devices=range(torch.cuda.device_count())):
         s = setup(config, callbacks, encoders, transformer, resume=resume)
         try:
             stopped = train_loop(s, callbacks)

@@ -95,6 +95,9 @@ def restore(s, tensors: dict, documents: dict) -> None:
     """Put a captured state back into a freshly set-up session (same LoRA layout, same optimizer type)."""
     from peft import set_peft_model_state_dict
 
+    # Fresh copies made here, where autograd is on: tensors read under a host's inference_mode (ComfyUI reads
+    # the checkpoint before training starts) could not be updated in place by the optimizer.
+    tensors = {name: {key: t.clone() for key, t in group.items()} for name, group in tensors.items()}
     state = documents["state"]
     if state.get("dataset_fingerprint") != s.cache.fingerprint:
         raise CheckpointError("the dataset, its settings or the encoders changed since this checkpoint (cache "
