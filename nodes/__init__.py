@@ -10,11 +10,12 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from .dataset_nodes import LoadDataset, ValidateDataset
+from .training_nodes import CacheLatents, ConfigureLora, LoadTrainingModel, SaveLora, Train
 
 
 class Flux2LoraExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [LoadDataset, ValidateDataset]
+        return [LoadDataset, ValidateDataset, LoadTrainingModel, CacheLatents, ConfigureLora, Train, SaveLora]
 
 
 __all__ = ["Flux2LoraExtension"]

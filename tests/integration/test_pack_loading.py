@@ -76,3 +76,23 @@ def test_web_extension_survives_being_listed_twice(comfyui):
     bodies = {comfyui.request(url)[1] for url in listed}
     assert len(bodies) == 1, "the two URLs serve different files"
     assert b"app.extensions" in bodies.pop(), "validation_report.js no longer guards against a second import"
+
+
+def test_training_workflow_template_matches_the_node_schemas(comfyui, object_info):
+    """Every node of example_workflows/train_lora.json exists, and its widget values fit the node's widgets."""
+    templates = comfyui.get_json("/workflow_templates")
+    assert "train_lora" in templates.get(PACK_FOLDER, []), templates
+    workflow = comfyui.get_json(f"/api/workflow_templates/{PACK_FOLDER}/train_lora.json")
+    sockets = {"FLUX2_DATASET", "FLUX2_MODEL", "FLUX2_CACHE", "FLUX2_LORA_CONFIG", "FLUX2_RUN", "LORA_MODEL",
+               "LOSS_MAP"}
+    for node in workflow["nodes"]:
+        info = object_info[node["type"]]
+        names = info["input_order"]["required"] + info["input_order"].get("optional", [])
+        specs = {**info["input"]["required"], **info["input"].get("optional", {})}
+        widgets = [n for n in names if not (isinstance(specs[n][0], str) and specs[n][0] in sockets)]
+        assert len(node["widgets_values"]) == len(widgets), (node["type"], widgets, node["widgets_values"])
+        linked = {i["name"] for i in node["inputs"]}
+        assert linked == {n for n in names if n not in widgets}, node["type"]
+    types = {node["type"] for node in workflow["nodes"]}
+    assert {"Flux2LoraLoadTrainingModel", "Flux2LoraCacheLatents", "Flux2LoraConfigureLora", "Flux2LoraTrain",
+            "Flux2LoraSaveLora", "LossGraphNode"} <= types

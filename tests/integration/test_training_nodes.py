@@ -1,0 +1,121 @@
+"""A whole training graph queued through a real ComfyUI's API: dataset -> model -> cache -> config -> train -> save.
+
+The model is a tiny FLUX.2 [klein] written in ComfyUI's single-file layout into the server's own
+models/ folders, the dataset a generated one in its input/ folder, exactly where users put theirs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import time
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from flux2_lora_core.checkpoint import find_checkpoints
+from flux2_lora_core.demo_data import write_demo_dataset
+from flux2_lora_core.tiny_models import COMFYUI_FILES, write_tiny_model
+
+pytestmark = pytest.mark.integration
+
+
+def importable_diffusers() -> None:
+    """This process writes the tiny model with diffusers, which imports torchvision: give it the launcher's shims
+    (no-ops where torchvision matches torch, as on a user's machine)."""
+    spec = importlib.util.spec_from_file_location("comfyui_launcher", Path(__file__).with_name("comfyui_launcher.py"))
+    launcher = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launcher)
+    launcher.shim_torchvision()
+    launcher.shim_torchaudio()
+
+
+@pytest.fixture(scope="module")
+def setup(comfyui, tmp_path_factory):
+    importable_diffusers()
+    models = comfyui.base / "models"
+    if not (models / COMFYUI_FILES["klein"]["transformer"]).exists():
+        written = tmp_path_factory.mktemp("tiny") / "klein"
+        write_tiny_model(written, variant="klein", fmt="comfyui")
+        for part in ("transformer", "vae", "text_encoder"):
+            target = models / COMFYUI_FILES["klein"][part]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            (written / COMFYUI_FILES["klein"][part]).rename(target)
+        (written / "tokenizer").rename(models / "tokenizer")
+    write_demo_dataset(comfyui.input_dir / "ring", count=3, size=256)
+    return models, tmp_path_factory.mktemp("cache")
+
+
+def graph(models, cache_dir, *, name="ring", steps=4, targets="attention_mlp", resume=""):
+    files = COMFYUI_FILES["klein"]
+    return {
+        "1": {"class_type": "Flux2LoraLoadDataset",
+              "inputs": {"folder": "ring", "caption_extensions": "txt", "trigger_word": "", "repeats": 1,
+                         "recursive": True}},
+        "2": {"class_type": "Flux2LoraLoadTrainingModel",
+              "inputs": {"path": files["transformer"].split("/", 1)[1], "vae": files["vae"].split("/", 1)[1],
+                         "text_encoder": files["text_encoder"].split("/", 1)[1], "tokenizer": str(models / "tokenizer"),
+                         "variant": "auto", "dtype": "fp32", "text_conditioning": "comfyui"}},
+        "3": {"class_type": "Flux2LoraCacheLatents",
+              "inputs": {"dataset": ["1", 0], "model": ["2", 0], "resolution": "64", "buckets": True,
+                         "max_aspect": 4.0, "flip": False, "cache_dir": str(cache_dir)}},
+        "4": {"class_type": "Flux2LoraConfigureLora",
+              "inputs": {"rank": 4, "alpha": 4.0, "targets": targets, "optimizer": "adamw", "lr": 1e-3,
+                         "lr_scheduler": "constant", "warmup_steps": 0, "steps": steps, "batch_size": 1,
+                         "gradient_accumulation": 1, "timestep_sampling": "logit_normal", "caption_dropout": 0.0,
+                         "gradient_checkpointing": False, "seed": 1, "sample_every": 0, "sample_prompts": "",
+                         "checkpoint_every": 2}},
+        "5": {"class_type": "Flux2LoraTrain",
+              "inputs": {"cache": ["3", 0], "lora_config": ["4", 0], "name": name, "resume": resume}},
+        "6": {"class_type": "Flux2LoraSaveLora", "inputs": {"run": ["5", 2], "filename": name}},
+    }
+
+
+def status(entry) -> str:
+    return entry["status"]["status_str"]
+
+
+def test_a_training_graph_trains_and_saves_a_lora_loraloader_lists(comfyui, setup):
+    models, cache_dir = setup
+    entry = comfyui.run(graph(models, cache_dir), timeout=300)
+    assert status(entry) == "success", json.dumps(entry["status"], indent=1)[-6000:]
+    saved = models / "loras" / "ring.safetensors"
+    with safe_open(saved, "pt") as f:
+        assert any(k.startswith("diffusion_model.double_blocks.0.img_attn.qkv.") for k in f.keys())
+        assert f.metadata()["ss_network_dim"] == "4"
+    run = comfyui.base / "output" / "flux2_lora" / "ring"
+    assert (run / "run.json").exists() and [p.name for p in find_checkpoints(run)][-1] == "step_000004"
+    assert "ring.safetensors" in comfyui.get_json("/object_info/LoraLoader")["LoraLoader"]["input"]["required"][
+        "lora_name"][0]                                                   # listed at once, no restart
+
+    again = comfyui.run(graph(models, cache_dir), timeout=300)          # re-queued: trains again, never overwrites
+    assert status(again) == "success"
+    assert (models / "loras" / "ring-2.safetensors").exists() and (run.parent / "ring-2" / "run.json").exists()
+
+
+def test_bad_settings_stop_the_graph_at_configure_naming_the_widget(comfyui, setup):
+    entry = comfyui.run(graph(*setup, name="bad", targets="regex:("), timeout=120)
+    assert status(entry) == "error"
+    (error,) = [data for name, data in entry["status"]["messages"] if name == "execution_error"]
+    assert error["node_type"] == "Flux2LoraTrain" and "lora.targets" in error["exception_message"]
+
+
+def test_cancel_writes_a_checkpoint_and_train_resumes_it(comfyui, setup):
+    models, cache_dir = setup
+    prompt_id = comfyui.queue(graph(models, cache_dir, name="cancelled", steps=100000))
+    metrics = comfyui.base / "output" / "flux2_lora" / "cancelled" / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while not (metrics.exists() and metrics.stat().st_size) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    comfyui.request("/interrupt", {})
+    entry = comfyui.wait(prompt_id, timeout=120)
+    assert status(entry) == "error" and any(name == "execution_interrupted"
+                                            for name, _ in entry["status"]["messages"])
+    (checkpoint,) = find_checkpoints(metrics.parent)[-1:]
+    stopped = int(checkpoint.name.split("_")[1])
+
+    resumed = comfyui.run(graph(models, cache_dir, name="cancelled", steps=stopped + 2, resume="cancelled"),
+                          timeout=300)
+    assert status(resumed) == "success", json.dumps(resumed["status"], indent=1)[-6000:]
+    assert find_checkpoints(metrics.parent)[-1].name == f"step_{stopped + 2:06d}"
