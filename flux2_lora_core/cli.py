@@ -100,6 +100,8 @@ def _load(args: argparse.Namespace):
 def _report(result) -> None:
     print(f"trained {result.steps} steps{' (stopped early)' if result.stopped_early else ''}; run folder "
           f"{result.run_dir}")
+    if result.lora_path is None:
+        return
     if result.stopped_early:
         print(f"  resume:  flux2-lora resume {result.run_dir}")
     print(f"  LoRA:    {result.lora_path}")

@@ -70,9 +70,9 @@ def _resolutions(values: tuple[int, ...]) -> tuple[int, ...]:
 
 def _file_name(value: str) -> str:
     bad = sorted(set(value) & set('/\\:*?"<>|') | {c for c in value if ord(c) < 32})
-    if not value or value in (".", "..") or bad or value.endswith("."):
+    if not value or value.startswith(".") or bad or value.endswith(".") or value != value.strip():
         raise ValueError(f"{value!r} is not a valid file name: it names the run folder and the LoRA file, so it must "
-                         "be non-empty, not end with '.', and have none of / \\ : * ? \" < > |")
+                         "be non-empty, not start or end with '.' or a space, and have none of / \\ : * ? \" < > |")
     return value
 
 

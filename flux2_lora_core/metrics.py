@@ -83,6 +83,11 @@ class MetricsLog:
             self._file.flush()
         return row
 
+    def restore_history(self, history: dict[str, list]) -> None:
+        """Put back the in-memory values a checkpoint saved, so smoothing continues as if never stopped."""
+        for key, values in history.items():
+            self._values[key] = deque((float("nan") if v is None else float(v) for v in values), maxlen=self.history)
+
     def smoothed_loss(self) -> float | None:
         """Plain mean of the last `window` finite losses (non-finite ones are skipped); None before any."""
         finite = [v for v in islice(reversed(self._values.get("loss", ())), self.window) if math.isfinite(v)]

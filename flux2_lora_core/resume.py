@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .checkpoint import newest_intact, read_checkpoint
+from .checkpoint import checkpoint_step, newest_intact, read_checkpoint
 from .config import config_from_dict, load_config
 from .errors import CheckpointError, ConfigError
 
@@ -26,12 +26,13 @@ def _flat(config) -> dict:
     return {f"{section}.{key}": value for section, values in config.to_dict().items() for key, value in values.items()}
 
 
-def resume_config(saved, step: int, *, steps: int | None, overrides=(), output: str | None = None):
-    """(config, changes): the saved config with the overrides applied; changes are (key, old, new)."""
+def resume_config(saved, step: int, *, steps: int | None, overrides=(), updates=None, output: str | None = None):
+    """(config, changes): the saved config with the overrides (key=value texts) and `updates` ({key: value},
+    from a ComfyUI graph) applied; changes are (key, old, new)."""
     from .trainer import training_problems
 
     config = load_config(None, overrides, base=saved, check=training_problems)
-    updates = {}
+    updates = dict(updates or {})
     if steps:
         updates["train.steps"] = step + steps
     if output:
@@ -40,7 +41,8 @@ def resume_config(saved, step: int, *, steps: int | None, overrides=(), output: 
         config = config.replace(updates)
     if step >= config.train.steps:
         raise ConfigError([("train.steps", f"the checkpoint is at step {step} of {config.train.steps}: the run is "
-                                           "complete; give --steps N to train N more")])
+                                           "complete; train more steps (flux2-lora resume --steps N, or a larger "
+                                           "train.steps)")])
     before, after = _flat(saved), _flat(config)
     changes = [(key, before[key], after[key]) for key in after if before.get(key) != after[key]]
     fixed = [(key, f"was {old!r} in the checkpoint, cannot become {new!r}: start a new run to change it")
@@ -50,8 +52,25 @@ def resume_config(saved, step: int, *, steps: int | None, overrides=(), output: 
     return config, changes
 
 
-def resume(path, *, steps: int | None = None, output=None, overrides=(), callbacks=None, encoders=None,
-           transformer=None):
+def _exact_despite(key: str, config) -> bool:
+    """Changing train.steps keeps the continuation exact only where the schedule does not depend on it."""
+    if key == "output.dir":
+        return True
+    return key == "train.steps" and config.train.lr_scheduler in ("constant", "constant_with_warmup") and \
+        len(config.data.resolution) == 1
+
+
+def run_folder_of(checkpoint: Path) -> Path:
+    """The run a checkpoint belongs to: <run>/checkpoints/step_N."""
+    checkpoint = Path(checkpoint).resolve()
+    if checkpoint.parent.name != "checkpoints":
+        raise CheckpointError(f"{checkpoint} is not inside a run's checkpoints/ folder: give --output DIR to "
+                              "continue it into a new run folder")
+    return checkpoint.parent.parent
+
+
+def resume(path, *, steps: int | None = None, output=None, overrides=(), updates=None, callbacks=None,
+           encoders=None, transformer=None):
     """Continue the run at `path` (a checkpoint folder, a run folder or its checkpoints/); returns TrainingResult."""
     from .trainer import new_run_dir, train
 
@@ -65,11 +84,19 @@ def resume(path, *, steps: int | None = None, output=None, overrides=(), callbac
     except (KeyError, TypeError, ValueError, ConfigError) as exc:
         raise CheckpointError(f"{chosen}: its config or state cannot be read ({exc}): resume an earlier "
                               "checkpoint") from None
-    config, changes = resume_config(saved, step, steps=steps, overrides=overrides, output=output)
+    config, changes = resume_config(saved, step, steps=steps, overrides=overrides, updates=updates, output=output)
     for key, old, new in changes:
         log.warning("%s: %r in the checkpoint, %r now: the new value is used%s", key, old, new,
-                    "" if key in ("train.steps", "output.dir") else " (the continuation is no longer exact)")
-    run_dir = new_run_dir(config) if output else Path(chosen).parent.parent
-    log.info("resuming %s from step %d of %d (%s)", run_dir, step, config.train.steps, chosen.name)
+                    "" if _exact_despite(key, config) else " (the continuation is no longer exact)")
+    if output:
+        run_dir = new_run_dir(config)
+    else:
+        run_dir = run_folder_of(chosen)
+        newest = newest_intact(run_dir)[0]
+        if checkpoint_step(newest) > step:  # continuing in place would interleave two versions of the run
+            raise CheckpointError(f"{newest.name} is newer than {Path(chosen).name}: resuming the older one in place "
+                                  f"would mix two versions of {run_dir}; give --output DIR to continue it into a new "
+                                  "run folder")
+    log.info("resuming %s from step %d of %d (%s)", run_dir, step, config.train.steps, Path(chosen).name)
     return train(config, callbacks, encoders=encoders, transformer=transformer,
                  resume=(run_dir, tensors, documents))

@@ -76,7 +76,7 @@ class Callbacks:
 @dataclass
 class TrainingResult:
     run_dir: Path
-    lora_path: Path
+    lora_path: Path | None      # None when stopped before the first step
     steps: int                  # optimizer steps completed
     stopped_early: bool
     losses: list[float]         # per optimizer step of this call (mean of its micro-batches), the last LOSS_HISTORY
@@ -194,6 +194,7 @@ class Session:
     sample_embeds: list[torch.Tensor]
     base_fingerprint: str
     step: int = 0
+    start_step: int = 0
     losses: deque = field(default_factory=lambda: deque(maxlen=LOSS_HISTORY))   # bounded (audit 2.1)
     samples: list[Path] = field(default_factory=list)
 
@@ -210,15 +211,13 @@ def setup(config: Config, callbacks: Callbacks, encoders=None, transformer=None,
     """Cache, model, LoRA, optimizer: everything before the first step. `encoders`/`transformer` may be
     given already loaded (tests, the demo, a ComfyUI graph); otherwise they load from config.model.
     `resume` = (run_dir, tensors, documents) of a verified checkpoint continues that run in run_dir."""
-    from diffusers.optimization import get_scheduler
-
     from .latent_cache import cache_for_config
     from .encoders import source_fingerprint
     from .model_sources import resolve_sources
     from .models import load_transformer, weights_fingerprint
 
     check_training_config(config)
-    data, t = config.data, config.train
+    t, given = config.train, transformer is not None
     cache, encoders = cache_for_config(config, encoders=encoders, progress=callbacks.on_progress,
                                        prompts=config.sample.prompts)
     prompts, embeds = _sample_prompts(config, cache)
@@ -254,6 +253,19 @@ def setup(config: Config, callbacks: Callbacks, encoders=None, transformer=None,
                                           f"({', '.join(transformer.peft_config)}): pass the base model")])
     targets = add_lora(transformer, rank=config.lora.rank, alpha=config.lora.alpha, dropout=config.lora.dropout,
                        targets=config.lora.targets, seed=t.seed)
+    try:
+        return _finish_setup(config, callbacks, cache, encoders, transformer, variant, targets, dtype, device,
+                             base_fingerprint, prompts, embeds, resume)
+    except BaseException:
+        hand_back(transformer) if given else release(transformer)
+        raise
+
+
+def _finish_setup(config, callbacks, cache, encoders, transformer, variant, targets, dtype, device,
+                  base_fingerprint, prompts, embeds, resume) -> Session:
+    from diffusers.optimization import get_scheduler
+
+    data, t = config.data, config.train
     if t.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     if t.compile:
@@ -266,16 +278,19 @@ def setup(config: Config, callbacks: Callbacks, encoders=None, transformer=None,
                               num_training_steps=t.steps)
     autocast_dtype, scaler = _autocast(device, dtype, t.mixed_precision)
     run_dir = resume[0] if resume else new_run_dir(config)
-    step = int(resume[2]["state"]["step"]) if resume else None
     streams = {r: BatchStream(cache, r, t.batch_size, t.seed) for r in data.resolution}
     session = Session(config, run_dir, cache, encoders, transformer, variant, targets, optimizer, scheduler, scaler,
                       autocast_dtype, device, dtype, streams, torch.Generator("cpu").manual_seed(t.seed),
-                      PositionIds(), MetricsLog(run_dir / "metrics.jsonl", truncate_after=step), prompts, embeds,
-                      base_fingerprint)
+                      PositionIds(), MetricsLog(None), prompts, embeds, base_fingerprint)
     if resume:
         from .training_state import restore
 
-        restore(session, resume[1], resume[2])
+        restore(session, resume[1], resume[2])   # first: a checkpoint that cannot be used changes no file
+    # On resume, the records after the checkpoint (of the steps being redone) are dropped from the file.
+    session.metrics = MetricsLog(run_dir / "metrics.jsonl", truncate_after=session.step if resume else None)
+    if resume:
+        session.metrics.restore_history(resume[2].get("metrics", {}))
+    session.start_step = session.step
     _write_run_json(session)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)   # memory_mb: training's peak, not the encoders' before it
@@ -412,15 +427,16 @@ def train_loop(s: Session, callbacks: Callbacks) -> bool:
             if profiler:
                 profiler.step()
             pending.append((s.step, step_loss, lr, time.perf_counter() - tick))
-            if log_now:
-                last_loss = _log(s, pending, norm)
-                pending = []
+            checkpoint_now = s.config.checkpoint.every and s.step % s.config.checkpoint.every == 0
+            if log_now or checkpoint_now:   # a checkpoint's metrics.jsonl must hold every step before it
+                batch, pending = pending, []
+                last_loss = _log(s, batch, norm if log_now else None)
             done = s.step - first_step
             rate = done / max(time.perf_counter() - started, 1e-9)
             callbacks.on_step(StepReport(s.step, t.steps, last_loss, lr, rate, (t.steps - s.step) / rate))
             if s.config.sample.every and s.step % s.config.sample.every == 0 and s.step < t.steps:
                 sample(s, callbacks)
-            if s.config.checkpoint.every and s.step % s.config.checkpoint.every == 0 and s.step < t.steps:
+            if checkpoint_now and s.step < t.steps:
                 save_checkpoint(s)
         return False
     finally:
@@ -482,7 +498,7 @@ def cleanup(s: Session, *, release_model: bool) -> None:
 def hand_back(transformer) -> None:
     """A transformer the caller gave us goes back as it came: no adapter, no checkpointing, eval mode."""
     if getattr(transformer, "peft_config", None):
-        transformer.delete_adapters(list(transformer.peft_config))
+        transformer.unload_lora()   # removes peft's wrapper layers too: the original modules and state-dict keys
     transformer.disable_gradient_checkpointing()
     transformer.eval()
 
@@ -499,6 +515,8 @@ def train(config: Config, callbacks: Callbacks | None = None, *, encoders=None, 
         s = setup(config, callbacks, encoders, transformer, resume=resume)
         try:
             stopped = train_loop(s, callbacks)
+            if stopped and s.step == s.start_step:   # stopped before the first step: nothing new to save
+                return TrainingResult(s.run_dir, None, s.step, True, [], [], None)
             save_checkpoint(s)        # at the end, or where a stop request ended the run: resumable either way
             lora_path = save(s)
             curves = plot_training_curves(s.run_dir / "metrics.jsonl", s.run_dir / "training_curves.png",

@@ -92,20 +92,38 @@ def capture(s) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, object]]:
 
 
 def restore(s, tensors: dict, documents: dict) -> None:
-    """Put a captured state back into a freshly set-up session (same LoRA layout, same optimizer type)."""
+    """Put a captured state back into a freshly set-up session (same LoRA layout, same optimizer type).
+
+    A checkpoint that does not fit (another model, other data, a damaged state) is a CheckpointError that
+    says why, raised before anything of the session has changed.
+    """
+    state = documents.get("state") or {}
+    if state.get("format") != STATE_FORMAT:
+        raise CheckpointError(f"checkpoint state format {state.get('format')!r} is not {STATE_FORMAT}: this version "
+                              "cannot resume it")
+    if state.get("variant") != s.variant.name:
+        raise CheckpointError(f"the checkpoint was trained on {state.get('variant')!r}, this run loads "
+                              f"{s.variant.name!r}: resume with the same model.path")
+    if state.get("base_model_fingerprint") != s.base_fingerprint:  # e.g. the same model as fp8 instead of bf16
+        log.warning("the base model's files differ from the checkpoint's (same variant, %s): continuing, but the "
+                    "continuation is not exact", s.variant.name)
+    try:
+        _restore(s, tensors, state)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"the checkpoint's state does not fit this run ({type(exc).__name__}: {exc}): "
+                              "resume an earlier checkpoint, or start a new run") from None
+
+
+def _restore(s, tensors: dict, state: dict) -> None:
     from peft import set_peft_model_state_dict
 
     # Fresh copies made here, where autograd is on: tensors read under a host's inference_mode (ComfyUI reads
     # the checkpoint before training starts) could not be updated in place by the optimizer.
     tensors = {name: {key: t.clone() for key, t in group.items()} for name, group in tensors.items()}
-    state = documents["state"]
     if state.get("dataset_fingerprint") != s.cache.fingerprint:
         raise CheckpointError("the dataset, its settings or the encoders changed since this checkpoint (cache "
                               f"fingerprint {str(state.get('dataset_fingerprint'))[:12]} then, "
                               f"{s.cache.fingerprint[:12]} now): resume with the same data, or start a new run")
-    if state.get("format") != STATE_FORMAT:
-        raise CheckpointError(f"checkpoint state format {state.get('format')!r} is not {STATE_FORMAT}: this version "
-                              "cannot resume it")
     if state["optimizer_class"] != type(s.optimizer).__name__:
         raise CheckpointError(f"the checkpoint's optimizer is {state['optimizer_class']}, this run builds "
                               f"{type(s.optimizer).__name__}: keep train.optimizer as it was to resume")
@@ -116,6 +134,7 @@ def restore(s, tensors: dict, documents: dict) -> None:
     optimizer["state"] = {int(k): v for k, v in optimizer["state"].items()}
     s.optimizer.load_state_dict(optimizer)
     s.scheduler.load_state_dict(state["scheduler"])
+    _apply_changed_settings(s)
     if s.scaler and state["scaler"]:
         s.scaler.load_state_dict(state["scaler"])
     for resolution, place in state["streams"].items():
@@ -123,6 +142,17 @@ def restore(s, tensors: dict, documents: dict) -> None:
             s.streams[int(resolution)].seek(place["epoch"], place["position"])
     _restore_rng(s, tensors["rng"], state["rng"])
     s.step = int(state["step"])
+
+
+def _apply_changed_settings(s) -> None:
+    """The optimizer's saved settings give way to the config's: a resume that changes train.lr or
+    train.weight_decay trains with the new values (the schedule keeps its place, at the new peak)."""
+    t = s.config.train
+    s.scheduler.base_lrs = [t.lr for _ in s.optimizer.param_groups]
+    for group, factor in zip(s.optimizer.param_groups, s.scheduler.lr_lambdas):
+        group["initial_lr"], group["weight_decay"] = t.lr, t.weight_decay
+        group["lr"] = t.lr * factor(s.scheduler.last_epoch)
+    s.scheduler._last_lr = [group["lr"] for group in s.optimizer.param_groups]
 
 
 def save_checkpoint(s) -> Path:

@@ -44,29 +44,36 @@ def model_file(kind: str, name: str, key: str) -> str:
 
 
 class ComfyProgress(Callbacks):
-    """The trainer's callbacks as ComfyUI's progress bar, sample previews and Cancel button."""
+    """The trainer's callbacks as ComfyUI's progress bar, sample previews and Cancel button.
+
+    Before the first step Cancel simply aborts (the bar's hook raises; the cache keeps what it encoded).
+    Once training runs, Cancel becomes a stop request: the step finishes and a checkpoint is written.
+    """
 
     def __init__(self):
-        self.bar, self.phases = None, {}
+        self.bar, self.phases, self.cancelled = None, {}, False
 
     def on_progress(self, phase, done, total):
-        bar = self.phases.setdefault(phase, ProgressBar(total))
-        if not model_management.processing_interrupted():   # its hook raises on Cancel: stop gracefully instead
-            bar.update_absolute(done, total)
+        self.phases.setdefault(phase, ProgressBar(total)).update_absolute(done, total)
+
+    def _update(self, *args, **kwargs):
+        try:
+            self.bar.update_absolute(*args, **kwargs)
+        except model_management.InterruptProcessingException:  # the hook saw Cancel first: stop gracefully
+            self.cancelled = True
 
     def on_step(self, report):
         self.bar = self.bar or ProgressBar(report.total)
-        if not model_management.processing_interrupted():
-            self.bar.update_absolute(report.step, report.total)
+        self._update(report.step, report.total)
 
     def on_sample(self, step, paths):
         from PIL import Image
 
-        if self.bar is not None and not model_management.processing_interrupted():
-            self.bar.update_absolute(step, None, preview=("JPEG", Image.open(paths[0]).convert("RGB"), 512))
+        if self.bar is not None:
+            self._update(step, None, preview=("JPEG", Image.open(paths[0]).convert("RGB"), 512))
 
     def should_stop(self):
-        return model_management.processing_interrupted()   # Cancel: finish the step, write a checkpoint, stop
+        return self.cancelled or model_management.processing_interrupted()
 
 
 class LoadTrainingModel(io.ComfyNode):
@@ -112,7 +119,7 @@ class CacheLatents(io.ComfyNode):
                 io.Boolean.Input("buckets", default=True, tooltip="Aspect-ratio buckets; off: centre square crops."),
                 io.Float.Input("max_aspect", default=4.0, min=1.0, max=8.0, step=0.1),
                 io.Boolean.Input("flip", default=False, tooltip="Random horizontal flips (both orientations are cached)."),
-                io.String.Input("cache_dir", default="", optional=True, tooltip="Where the cache lives; empty: $FLUX2_LORA_CACHE, else ~/.cache/flux2-lora (shared with the CLI)."),
+                io.String.Input("cache_dir", default="", optional=True, tooltip="Where the cache lives; empty: output/flux2_lora/cache."),
             ],
             outputs=[Cache.Output(display_name="cache")],
         )
@@ -121,7 +128,8 @@ class CacheLatents(io.ComfyNode):
     def execute(cls, dataset, model, resolution, buckets, max_aspect, flip, cache_dir="") -> io.NodeOutput:
         from ..flux2_lora_core.latent_cache import cache_for_config
 
-        config = Config(model=model).replace(cache={"dir": cache_dir}, data=dict(
+        free_comfy_memory()
+        config = Config(model=model).replace(cache={"dir": cache_dir or runs_folder("cache")}, data=dict(
             path=str(dataset.root), caption_extensions=list(dataset.caption_extensions),
             trigger_word=dataset.trigger_word, repeats=dataset.repeats, recursive=dataset.recursive,
             resolution=resolution, buckets=buckets, max_aspect=max_aspect, flip=flip))
@@ -202,26 +210,45 @@ class Train(io.ComfyNode):
         from ..flux2_lora_core.resume import resume as resume_run
         from ..flux2_lora_core.trainer import train
 
-        runs, progress = os.path.join(folder_paths.get_output_directory(), RUNS_FOLDER), ComfyProgress()
-        if resume.strip():  # the run's own config, with this node's settings as overrides (each change logged)
-            result = resume_run(_run_path(runs, resume), overrides=_overrides(lora_config), callbacks=progress)
+        free_comfy_memory()
+        config, progress = cache.replace(output={"dir": runs_folder(), "name": name}, **lora_config), ComfyProgress()
+        if resume.strip():  # the run's own config, with this graph's settings as changes (each one logged)
+            updates = {f"{s}.{k}": v for s, values in config.to_dict().items() if s != "output" for k, v in values.items()}
+            result = resume_run(run_in_outputs(resume), updates=updates, callbacks=progress)
         else:
-            result = train(cache.replace(output={"dir": runs, "name": name}, **lora_config), progress)
+            result = train(config, progress)
         if result.stopped_early:
             raise model_management.InterruptProcessingException()   # after the checkpoint: resume continues it
-        lora = load_file(result.lora_path)
-        return io.NodeOutput(lora, {"loss": list(result.losses)}, str(result.run_dir),
+        return io.NodeOutput(load_file(result.lora_path), {"loss": run_losses(result.run_dir)},
+                             {"run": str(result.run_dir), "lora": str(result.lora_path)},
                              ui=ui.PreviewText(f"{result.steps} steps; LoRA {result.lora_path}"))
 
 
-def _overrides(sections: dict) -> list[str]:
-    return [f"{s}.{k}={'|'.join(v) if isinstance(v, list) else v}" for s, values in sections.items()
-            for k, v in values.items()]
+def runs_folder(*parts: str) -> str:
+    return os.path.join(folder_paths.get_output_directory(), RUNS_FOLDER, *parts)
 
 
-def _run_path(runs: str, text: str) -> str:
-    text = text.strip().strip("\"'")
-    return text if os.path.isabs(text) else os.path.join(runs, text)
+def run_in_outputs(text: str) -> str:
+    """A run to resume, by name (or path) inside output/flux2_lora: a node never writes outside ComfyUI's roots."""
+    runs = Path(runs_folder()).resolve()
+    path = (runs / text.strip().strip("\"'")).resolve()
+    if not path.is_relative_to(runs) or path == runs:
+        raise ConfigError([("resume", f"{text!r} is not a run inside {runs}: give a run name such as 'flux2_lora'")])
+    return str(path)
+
+
+def run_losses(run_dir: Path) -> list[float]:
+    """The whole run's losses (a resumed run's too) for Plot Loss Graph, which needs at least two points."""
+    from ..flux2_lora_core.metrics import read_metrics
+
+    losses = [r["loss"] for r in read_metrics(Path(run_dir) / "metrics.jsonl") if r.get("loss") is not None]
+    return losses * 2 if len(losses) == 1 else losses
+
+
+def free_comfy_memory() -> None:
+    """Models an image graph left loaded would otherwise share the GPU with training."""
+    model_management.unload_all_models()
+    model_management.soft_empty_cache()
 
 
 class SaveLora(io.ComfyNode):
@@ -239,15 +266,15 @@ class SaveLora(io.ComfyNode):
 
     @classmethod
     def execute(cls, run, filename) -> io.NodeOutput:
-        path = save_to_loras(Path(run), filename)
+        path = save_to_loras(Path(run["lora"]), filename)
         return io.NodeOutput(str(path), ui=ui.PreviewText(f"saved {path}"))
 
 
-def save_to_loras(run: Path, filename: str) -> Path:
-    """The run's LoRA copied under the first models/loras folder as <filename>.safetensors (or -2, -3...)."""
-    sources = sorted((run / "lora").glob("*.safetensors"))
-    if not sources:
-        raise Flux2LoraError(f"{run} holds no LoRA in lora/: train it to the end (or resume it) first")
+def save_to_loras(source: Path, filename: str) -> Path:
+    """The run's LoRA copied under the first models/loras folder as <filename>.safetensors (or -2, -3...),
+    complete before LoraLoader can see it (copied to a hidden name, then renamed)."""
+    if not source.is_file():
+        raise Flux2LoraError(f"{source} does not exist: train the run to the end (or resume it) first")
     stem = filename.strip().removesuffix(".safetensors")
     if not stem or os.sep in stem or "/" in stem:
         raise ConfigError([("filename", f"{filename!r} is not a file name")])
@@ -257,5 +284,7 @@ def save_to_loras(run: Path, filename: str) -> Path:
     while target.exists():
         n += 1
         target = folder / f"{stem}-{n}.safetensors"
-    shutil.copyfile(sources[0], target)
+    partial = folder / f".{target.name}.partial"
+    shutil.copyfile(source, partial)
+    os.replace(partial, target)
     return target

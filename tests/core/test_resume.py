@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -82,13 +83,24 @@ def test_resume_reports_changes_refuses_fixed_ones_and_checks_the_data(workspace
 
     more = resume(run, steps=2, overrides=["train.lr=5e-4"])
     assert more.steps == 5 and "train.lr: 0.001 in the checkpoint, 0.0005 now: the new value is used" in caplog.text
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    # Cosine after 2 warm-up steps: step 3 ran at the old peak; step 4, resumed with 5 steps in all, runs at the
+    # new peak times the schedule's factor there (a third of the way down).
+    assert rows[2]["lr"] == pytest.approx(1e-3)
+    assert rows[3]["lr"] == pytest.approx(5e-4 * 0.5 * (1 + math.cos(math.pi / 3)))
+    older = find_checkpoints(run)[0]
+    with pytest.raises(CheckpointError, match="would mix two versions"):
+        resume(older, steps=1)                                      # an older checkpoint only into a new folder
 
     elsewhere = resume(run, steps=1, output=tmp_path / "elsewhere")          # --output: a new run folder
     assert elsewhere.run_dir == tmp_path / "elsewhere" / "flux2_lora" and elsewhere.steps == 6
     assert (run / "lora" / "flux2_lora.safetensors").exists() and len(find_checkpoints(elsewhere.run_dir)) == 1
 
+    logged = (run / "metrics.jsonl").read_text()
     with pytest.raises(CheckpointError, match="changed since this checkpoint"):
         resume(run, steps=1, overrides=["data.trigger_word=xyz"])   # other captions: other training data
+    assert (run / "metrics.jsonl").read_text() == logged              # a refused resume changes no file
 
 
 @pytest.mark.parametrize("sent, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])

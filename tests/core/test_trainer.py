@@ -106,6 +106,9 @@ def test_fixed_noise_overfit_loss_falls(workspace, tmp_path):
 def test_stop_request_ends_the_run_and_still_saves(workspace, tmp_path):
     result = trainer.train(make_config(workspace, tmp_path, "train.steps=50"), Recorder(stop_after=3))
     assert result.stopped_early and result.steps == 3 and result.lora_path.exists()
+    nothing = trainer.train(make_config(workspace, tmp_path, "train.steps=50"), Recorder(stop_after=0))
+    assert nothing.stopped_early and nothing.lora_path is None              # stopped before a step: no files
+    assert not (nothing.run_dir / "checkpoints").exists() and not (nothing.run_dir / "lora").exists()
 
 
 def test_gradient_checkpointing_and_accumulation_give_the_same_run(workspace, tmp_path):
@@ -161,8 +164,11 @@ def test_the_trained_lora_file_reproduces_the_trained_model(workspace, tmp_path)
     from flux2_lora_core.lora import add_lora
 
     given = build_tiny_pipeline("klein", seed=0).transformer   # the weights write_tiny_model wrote
+    before = {k: v.clone() for k, v in given.state_dict().items()}
     result = trainer.train(make_config(workspace, tmp_path, "train.steps=4", "train.lr=1e-2"), transformer=given)
-    assert not getattr(given, "peft_config", None) and not given.training        # handed back as it came
+    after = given.state_dict()                                   # handed back as it came: same modules, same weights
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert not getattr(given, "peft_config", None) and not given.training
     # The trained model, exactly: the final checkpoint's peft weights on the base model.
     pipe = build_tiny_pipeline("klein", seed=0)
     add_lora(pipe.transformer, rank=4, alpha=16.0, dropout=0.0, targets="attention_mlp", seed=0)

@@ -47,7 +47,7 @@ def setup(comfyui, tmp_path_factory):
     return models, tmp_path_factory.mktemp("cache")
 
 
-def graph(models, cache_dir, *, name="ring", steps=4, targets="attention_mlp", resume=""):
+def graph(models, cache_dir, *, name="ring", steps=4, targets="attention_mlp", resume="", checkpoint_every=2):
     files = COMFYUI_FILES["klein"]
     return {
         "1": {"class_type": "Flux2LoraLoadDataset",
@@ -65,7 +65,7 @@ def graph(models, cache_dir, *, name="ring", steps=4, targets="attention_mlp", r
                          "lr_scheduler": "constant", "warmup_steps": 0, "steps": steps, "batch_size": 1,
                          "gradient_accumulation": 1, "timestep_sampling": "logit_normal", "caption_dropout": 0.0,
                          "gradient_checkpointing": False, "seed": 1, "sample_every": 0, "sample_prompts": "",
-                         "checkpoint_every": 2}},
+                         "checkpoint_every": checkpoint_every}},
         "5": {"class_type": "Flux2LoraTrain",
               "inputs": {"cache": ["3", 0], "lora_config": ["4", 0], "name": name, "resume": resume}},
         "6": {"class_type": "Flux2LoraSaveLora", "inputs": {"run": ["5", 2], "filename": name}},
@@ -94,7 +94,7 @@ def test_a_training_graph_trains_and_saves_a_lora_loraloader_lists(comfyui, setu
     assert (models / "loras" / "ring-2.safetensors").exists() and (run.parent / "ring-2" / "run.json").exists()
 
 
-def test_bad_settings_stop_the_graph_at_configure_naming_the_widget(comfyui, setup):
+def test_bad_settings_stop_the_graph_at_train_naming_the_setting(comfyui, setup):
     entry = comfyui.run(graph(*setup, name="bad", targets="regex:("), timeout=120)
     assert status(entry) == "error"
     (error,) = [data for name, data in entry["status"]["messages"] if name == "execution_error"]
@@ -103,7 +103,7 @@ def test_bad_settings_stop_the_graph_at_configure_naming_the_widget(comfyui, set
 
 def test_cancel_writes_a_checkpoint_and_train_resumes_it(comfyui, setup):
     models, cache_dir = setup
-    prompt_id = comfyui.queue(graph(models, cache_dir, name="cancelled", steps=100000))
+    prompt_id = comfyui.queue(graph(models, cache_dir, name="cancelled", steps=100000, checkpoint_every=0))
     metrics = comfyui.base / "output" / "flux2_lora" / "cancelled" / "metrics.jsonl"
     deadline = time.monotonic() + 180
     while not (metrics.exists() and metrics.stat().st_size) and time.monotonic() < deadline:
@@ -112,8 +112,9 @@ def test_cancel_writes_a_checkpoint_and_train_resumes_it(comfyui, setup):
     entry = comfyui.wait(prompt_id, timeout=120)
     assert status(entry) == "error" and any(name == "execution_interrupted"
                                             for name, _ in entry["status"]["messages"])
-    (checkpoint,) = find_checkpoints(metrics.parent)[-1:]
+    (checkpoint,) = find_checkpoints(metrics.parent)               # only the one Cancel wrote
     stopped = int(checkpoint.name.split("_")[1])
+    assert stopped == json.loads(metrics.read_text().splitlines()[-1])["step"]
 
     resumed = comfyui.run(graph(models, cache_dir, name="cancelled", steps=stopped + 2, resume="cancelled"),
                           timeout=300)
