@@ -91,7 +91,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
 def _load(args: argparse.Namespace):
     """The config, with its keys and the training checks (paths, combinations) reported in one message."""
     from .config import PRESETS, load_config
-    from .trainer import training_problems
+    from .preflight import training_problems
 
     return load_config(args.config, args.overrides, base=PRESETS[args.preset] if args.preset else None,
                        check=training_problems)

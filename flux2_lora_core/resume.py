@@ -29,7 +29,7 @@ def _flat(config) -> dict:
 def resume_config(saved, step: int, *, steps: int | None, overrides=(), updates=None, output: str | None = None):
     """(config, changes): the saved config with the overrides (key=value texts) and `updates` ({key: value},
     from a ComfyUI graph) applied; changes are (key, old, new)."""
-    from .trainer import training_problems
+    from .preflight import training_problems
 
     config = load_config(None, overrides, base=saved, check=training_problems)
     updates = dict(updates or {})

@@ -15,6 +15,7 @@ from flux2_lora_core.config import load_config
 from flux2_lora_core.demo_data import write_demo_dataset
 from flux2_lora_core.errors import ConfigError
 from flux2_lora_core.lora import resolve_targets
+from flux2_lora_core.preflight import check_training_config
 from flux2_lora_core.tiny_models import build_tiny_pipeline, write_tiny_model
 
 
@@ -130,12 +131,12 @@ def test_bad_training_settings_are_reported_together(workspace, tmp_path, caplog
     config = make_config(workspace, tmp_path, "train.warmup_steps=10", "train.steps=5", "model.path=/nope",
                          "sample.resolution=70", "data.resolution=64,128,256,512,1024,2048")
     with pytest.raises(ConfigError) as error:
-        trainer.check_training_config(config)
+        check_training_config(config)
     keys = [key for key, _ in error.value.problems]
     assert {"train.warmup_steps", "train.lr_scheduler", "model.path", "sample.resolution", "data.resolution"} <= set(keys)
 
     with caplog.at_level(logging.WARNING):
-        trainer.check_training_config(make_config(workspace, tmp_path, "train.batch_size=8",
+        check_training_config(make_config(workspace, tmp_path, "train.batch_size=8",
                                                   "train.gradient_accumulation=16"))
     assert "effective batch 128" in caplog.text
 
