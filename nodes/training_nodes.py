@@ -212,8 +212,9 @@ class Train(io.ComfyNode):
 
         free_comfy_memory()
         config, progress = cache.replace(output={"dir": runs_folder(), "name": name}, **lora_config), ComfyProgress()
-        if resume.strip():  # the run's own config, with this graph's settings as changes (each one logged)
-            updates = {f"{s}.{k}": v for s, values in config.to_dict().items() if s != "output" for k, v in values.items()}
+        if resume.strip():  # the run's config; what this graph sets (its files and widgets) wins, each change logged
+            graph = {**{k: v for k, v in cache.to_dict().items() if k in ("model", "data", "cache")}, **lora_config}
+            updates = {f"{s}.{k}": v for s, values in graph.items() for k, v in values.items()}
             result = resume_run(run_in_outputs(resume), updates=updates, callbacks=progress)
         else:
             result = train(config, progress)
