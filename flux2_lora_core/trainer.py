@@ -274,10 +274,7 @@ def micro_batch(s: Session, indices: list[int], resolution: int) -> tuple[torch.
     flips = draws[0] < 0.5 if s.config.data.flip else torch.zeros(len(indices), dtype=torch.bool)
     dropped = draws[1] < s.config.train.caption_dropout
     latents = torch.stack([s.cache.latent(i, resolution, flipped=bool(f)) for i, f in zip(indices, flips)])
-    texts = [s.cache.text(None if d else i) for i, d in zip(indices, dropped)]
-    if len({t.shape for t in texts}) > 1:
-        raise ConfigError([("data.path", "prompt embeddings of one batch differ in length "
-                                         f"({sorted({t.shape[0] for t in texts})}): use train.batch_size=1")])
+    texts = [s.cache.text(None if d else i) for i, d in zip(indices, dropped)]   # equal lengths: checked in setup
     return latents.to(s.device, s.dtype), torch.stack(texts).to(s.device, s.dtype)
 
 

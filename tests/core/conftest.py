@@ -126,3 +126,23 @@ def hostile_dataset(tmp_path, make_image, write_text, truncated_copy):
         "dup_a.png": "duplicate_image", "anim.webp": "animated_image", "clip.gif": "unsupported_image",
     }
     return root, expected
+
+
+@pytest.fixture(scope="session")
+def training_files(tmp_path_factory):
+    """training_files(variant="klein", images=4) -> a folder holding model/ (a tiny FLUX.2 diffusers folder) and
+    data/ (a generated, captioned dataset), written once per session and shared by the training tests."""
+    made = {}
+
+    def make(variant: str = "klein", images: int = 4) -> Path:
+        from flux2_lora_core.demo_data import write_demo_dataset
+        from flux2_lora_core.tiny_models import write_tiny_model
+
+        if (variant, images) not in made:
+            root = tmp_path_factory.mktemp(f"training-{variant}-{images}")
+            write_tiny_model(root / "model", variant=variant)
+            write_demo_dataset(root / "data", count=images, size=256)
+            made[variant, images] = root
+        return made[variant, images]
+
+    return make

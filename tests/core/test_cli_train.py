@@ -11,8 +11,6 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from flux2_lora_core.demo_data import write_demo_dataset
-from flux2_lora_core.tiny_models import write_tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -24,11 +22,8 @@ def cli(*args, cwd):
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli_train")
-    write_tiny_model(root / "model", variant="dev")
-    write_demo_dataset(root / "data", count=3, size=256)
-    return root
+def workspace(training_files):
+    return training_files("dev", 3)
 
 
 def test_train_then_export_every_format(workspace, tmp_path):

@@ -18,20 +18,15 @@ from safetensors.torch import load_file
 from flux2_lora_core import trainer
 from flux2_lora_core.checkpoint import checkpoint_step, find_checkpoints
 from flux2_lora_core.config import load_config
-from flux2_lora_core.demo_data import write_demo_dataset
 from flux2_lora_core.errors import CheckpointError, ConfigError
 from flux2_lora_core.resume import resume
-from flux2_lora_core.tiny_models import write_tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resume")
-    write_tiny_model(root / "model", variant="klein")
-    write_demo_dataset(root / "data", count=4, size=256)
-    return root
+def workspace(training_files):
+    return training_files("klein", 4)
 
 
 def settings(root, out, *overrides):

@@ -12,19 +12,15 @@ from safetensors.torch import load_file
 
 from flux2_lora_core import trainer
 from flux2_lora_core.config import load_config
-from flux2_lora_core.demo_data import write_demo_dataset
 from flux2_lora_core.errors import ConfigError
 from flux2_lora_core.lora import resolve_targets
 from flux2_lora_core.preflight import check_training_config
-from flux2_lora_core.tiny_models import build_tiny_pipeline, write_tiny_model
+from flux2_lora_core.tiny_models import build_tiny_pipeline
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    write_tiny_model(root / "model", variant="klein")
-    write_demo_dataset(root / "data", count=4, size=256)
-    return root
+def workspace(training_files):
+    return training_files("klein", 4)
 
 
 def make_config(root, tmp_path, *overrides):
