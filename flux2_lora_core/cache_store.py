@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import uuid
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
+from .disk import write_atomically
 from .errors import Flux2LoraError
 from .images import file_sha256
 
@@ -35,33 +35,6 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 SHARD_BYTES = 256 << 20  # a shard is written once this much is pending: bounds the memory a build holds
 VERIFY_MODES = ("quick", "full")
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that a crash leaves either the old file or the new one, never a mix."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:  # makes the rename itself durable; not possible on Windows, where replace is durable enough
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class ShardStore:

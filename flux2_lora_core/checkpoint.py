@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load, save
 
-from .checkpoint_cleanup import _clean_leftovers, _fsync, _hold_temp_folder, _remove
+from .checkpoint_cleanup import _clean_leftovers, _hold_temp_folder, _remove
+from .disk import fsync
 from .errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ def _write(folder: Path, tensors: dict[str, dict[str, torch.Tensor]], jsons: dic
             del data
         listed += [_write_file(tmp / f"{stem}.json", data) for stem, data in jsons.items()]
         _write_file(tmp / MANIFEST, _manifest(listed))
-        _fsync(tmp)
+        fsync(tmp)
         try:
             verify_checkpoint(tmp)
         except CheckpointError as exc:
@@ -108,7 +109,7 @@ def _write_file(path: Path, data: bytes) -> tuple[str, int, str]:
     with open(path, "xb") as f:
         f.write(data)
         f.flush()
-        _fsync(f.fileno())
+        fsync(f.fileno())
         if hasattr(os, "posix_fadvise"):  # drop the clean pages: the verification then reads the disk, not memory
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     return path.name, len(data), hashlib.sha256(data).hexdigest()
@@ -125,9 +126,9 @@ def _put_in_place(tmp: Path, folder: Path) -> None:
     backup = folder.with_name(folder.name + ".replaced")
     if replacing := os.path.lexists(folder):  # the old one stays listed, as step_N.replaced, until the new is there
         os.rename(folder, backup)
-        _fsync(folder.parent)
+        fsync(folder.parent)
     os.rename(tmp, folder)
-    _fsync(folder.parent)
+    fsync(folder.parent)
     if replacing:
         _remove(backup)
 

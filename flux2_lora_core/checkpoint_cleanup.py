@@ -26,6 +26,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from .disk import fsync
+
 try:
     import fcntl
 except ImportError:  # Windows
@@ -57,22 +59,6 @@ def _hold_temp_folder(folder: Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _fsync(target) -> None:
-    """fsync a file descriptor (errors raise: the data may not be on disk), or a folder by path (best effort: makes
-    new names in it durable; Windows cannot open folders and some filesystems refuse)."""
-    if not isinstance(target, int):
-        with contextlib.suppress(OSError):
-            fd = os.open(target, os.O_RDONLY)
-            try:
-                _fsync(fd)
-            finally:
-                os.close(fd)
-        return
-    os.fsync(target)
-    with contextlib.suppress(OSError, AttributeError):  # macOS: fsync alone stops at the drive's cache
-        fcntl.fcntl(target, fcntl.F_FULLFSYNC)
-
-
 def _remove(folder: Path) -> None:
     """Hide first (one atomic rename), then delete: a crash midway leaves no half folder under a checkpoint name."""
     trash = folder.with_name(f".{folder.name}.del-{secrets.token_hex(4)}")
@@ -80,7 +66,7 @@ def _remove(folder: Path) -> None:
         os.rename(folder, trash)
     except FileNotFoundError:  # another cleaner got there first
         return
-    _fsync(folder.parent)
+    fsync(folder.parent)
     shutil.rmtree(trash, ignore_errors=True)
 
 
@@ -101,7 +87,7 @@ def _clean_leftovers(folder: Path) -> None:
                 _remove(p)
             else:  # killed between the two renames of a replace: the old checkpoint takes its name back
                 os.rename(p, primary)
-                _fsync(folder)
+                fsync(folder)
 
 
 def _flock(folder: Path) -> tuple[int | None, bool | None]:

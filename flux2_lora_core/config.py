@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, get_type_hints
 
 from .config_schema import (_build, _merge, _parse_override, _plain, _read_yaml, _Section, _sections, _set, _type_name,
-                            option)
+                            config_root, option)
 from .errors import ConfigError
 
 
@@ -217,6 +217,7 @@ class CheckpointConfig(_Section):
                                  "checkpoint.keep or the best); 0: no age limit", min=0)
 
 
+@config_root
 @dataclass(frozen=True)
 class Config:
     """The sections, in file and --help order. A new section is a _Section dataclass and one line here."""

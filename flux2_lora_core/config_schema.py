@@ -1,7 +1,8 @@
 """How config sections are declared, parsed and checked: the machinery behind config.py.
 
-Kept apart so config.py reads as the list of options. Sections are discovered from `Config`'s
-fields at call time, so a new section needs no change here.
+Kept apart so config.py reads as the list of options. Sections are discovered from the fields of the class
+config.py marks with `@config_root` (`Config`), so a new section needs no change here; the mark, not an import of
+config.py, is how this module finds it, so imports run one way (config.py imports this module, never the reverse).
 """
 
 from __future__ import annotations
@@ -14,14 +15,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import field, fields
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, get_args, get_origin, get_type_hints
+from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
 from .errors import ConfigError
 
-if TYPE_CHECKING:
-    from .config import Config
+_root: type | None = None  # the class marked @config_root: config.Config
 
 
 def option(default, help: str, *, choices: Sequence[str] = (), aliases: Mapping[str, str] | None = None,
@@ -47,13 +47,19 @@ class _Section:
 
 
 # ---------------------------------------------------------------------------------------------- framework
+def config_root(cls: type) -> type:
+    """Mark the dataclass whose fields are the sections (config.Config)."""
+    global _root
+    _root = cls
+    _sections.cache_clear()
+    return cls
+
+
 @cache
 def _sections() -> dict[str, type]:
-    """The sections are Config's fields: adding one there is all a new section needs."""
-    from .config import Config
-
-    hints = get_type_hints(Config)
-    return {f.name: hints[f.name] for f in fields(Config)}
+    """The sections are the root's fields: adding one there is all a new section needs."""
+    hints = get_type_hints(_root)
+    return {f.name: hints[f.name] for f in fields(_root)}
 
 
 def _section_name(cls: type) -> str:
@@ -146,7 +152,7 @@ def _field_type(key: str):
     return get_type_hints(cls).get(name) if cls else None
 
 
-def _build(raw: Mapping, problems: list, *, partial: bool = False) -> Config | tuple[Config, list]:
+def _build(raw: Mapping, problems: list, *, partial: bool = False) -> Any:
     """The Config, or ConfigError with every problem. `partial`: return (Config, problems) instead, each bad
     key left at its default, so checks that need a whole config (paths, combinations) can still run."""
     problems, built = list(problems), {}
@@ -171,13 +177,11 @@ def _build(raw: Mapping, problems: list, *, partial: bool = False) -> Config | t
                     built[section] = cls(**{k: v for k, v in values.items() if k in names and k not in bad})
                 except ConfigError:
                     built[section] = cls()
-    from .config import Config
-
     if partial:
-        return Config(**built), problems
+        return _root(**built), problems
     if problems:
         raise ConfigError(problems)
-    return Config(**built)
+    return _root(**built)
 
 
 # ---------------------------------------------------------------------------------------------- loading

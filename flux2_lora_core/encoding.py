@@ -20,11 +20,9 @@ from PIL import Image
 
 from .buckets import fit_to_bucket
 from .errors import ConfigError
+from .model_configs import FAMILIES, TEXT_LAYERS
 
-FAMILIES = ("dev", "klein")
 TEXT_CONDITIONING = ("comfyui", "diffusers")
-# Text-encoder hidden states the transformer reads, stacked (the pipelines' defaults).
-TEXT_LAYERS = {"dev": (10, 20, 30), "klein": (9, 18, 27)}
 MAX_SEQUENCE_LENGTH = 512  # prompt length both programs pad (or truncate, diffusers) to
 # ComfyUI's [dev] prompt (comfy/text_encoders/flux.py); its system message equals diffusers' SYSTEM_MESSAGE.
 COMFYUI_DEV_TEMPLATE = ("[SYSTEM_PROMPT]You are an AI that reasons about image descriptions. You give structured "

@@ -197,7 +197,7 @@ def save_lora(path, state: dict[str, torch.Tensor], *, fmt: str = "comfyui", ran
     """Write `state` (canonical) as a `fmt` LoRA file, atomically, with `metadata` plus the layout entries."""
     from safetensors.torch import save
 
-    from .cache_store import write_atomically
+    from .disk import write_atomically
 
     _check(fmt, rank, alpha)
     path = Path(path)

@@ -31,9 +31,10 @@ import torch
 from .buckets import assign_bucket
 from .cache_index import (CACHE_FORMAT_VERSION, INDEX, text_key, CachedItem, CacheSettings, CacheSummary, LatentCache,
                           index_of, open_latent_cache)
-from .cache_store import VERIFY_MODES, ShardStore, write_atomically
+from .cache_store import VERIFY_MODES, ShardStore
 from .config import default_cache_dir
 from .devices import free_memory
+from .disk import write_atomically
 from .encoding import check_mode, encode_images, encode_prompts, image_to_pixels
 from .errors import ConfigError, DatasetError, Flux2LoraError
 from .images import file_sha256, load_image_rgb, probe_image

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .cache_store import write_atomically
+from .disk import write_atomically
 from .errors import ConfigError
 from .metrics import centred_mean, new_figure, save_figure
 

@@ -15,7 +15,7 @@ from collections import deque
 from itertools import islice
 from pathlib import Path
 
-from .cache_store import write_atomically
+from .disk import write_atomically
 from .errors import ConfigError, Flux2LoraError
 
 log = logging.getLogger(__name__)

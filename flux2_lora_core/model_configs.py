@@ -9,14 +9,14 @@ show (RoPE axes and theta, norm eps). Shapes that match a shipped model get its 
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
+from importlib import resources
 from math import gcd
 
-from .encoding import TEXT_LAYERS
 from .errors import ModelError
 from .model_files import count_blocks, identify
-from .tiny_models import shipped_config
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +24,11 @@ log = logging.getLogger(__name__)
 # embedder) or "klein" (Qwen3, no guidance).
 SHIPPED = {"flux2-dev": "dev", "flux2-klein-4b": "klein", "flux2-klein-9b": "klein"}
 FAMILY_CONFIG = {"dev": "flux2-dev", "klein": "flux2-klein-4b"}
-# The text-encoder hidden states each family's pipeline stacks into its prompt embedding.
+FAMILIES = tuple(FAMILY_CONFIG)
+# The text encoder each family's pipeline reads prompts with.
 TEXT_ENCODERS = {"dev": "Mistral Small 3.x", "klein": "Qwen3"}
+# Text-encoder hidden states the transformer reads, stacked (the pipelines' defaults).
+TEXT_LAYERS = {"dev": (10, 20, 30), "klein": (9, 18, 27)}
 # What tells models apart; everything else in a config is shared by all FLUX.2 transformers.
 IDENTITY = ("num_layers", "num_single_layers", "num_attention_heads", "attention_head_dim", "joint_attention_dim",
             "guidance_embeds", "mlp_ratio", "in_channels")
@@ -33,6 +36,15 @@ IDENTITY = ("num_layers", "num_single_layers", "num_attention_heads", "attention
 TEXT_CONSTANTS = {"klein": dict(rope_theta=1_000_000.0, rms_norm_eps=1e-6, max_position_embeddings=40960),
                   "dev": dict(rope_theta=1_000_000_000.0, rms_norm_eps=1e-5, max_position_embeddings=131072)}
 MISTRAL_HEAD_DIM = 128  # Mistral Small 3.x; q_proj is narrower than the hidden size, so it cannot be inferred
+
+
+def shipped_config(name: str, component: str = "") -> dict:
+    """A real config shipped in flux2_lora_core/configs (e.g. "flux2-dev", "transformer"), without the
+    `_class_name` / `_diffusers_version` bookkeeping that `from_config` does not need."""
+    folder = resources.files(__package__).joinpath("configs", name, *([component] if component else []))
+    filename = "scheduler_config.json" if component == "scheduler" else "config.json"
+    config = json.loads(folder.joinpath(filename).read_text(encoding="utf-8"))
+    return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 from .devices import align_cpu_tensors, choose_device, choose_dtype, release, with_oom_retry
-from .encoding import FAMILIES
 from .errors import ConfigError, ModelError
 from .model_configs import (
+    FAMILIES,
     SHIPPED,
     TEXT_ENCODERS,
     Variant,

@@ -16,7 +16,7 @@ import torch
 
 from .devices import free_memory
 from .encoding import decoder_latents
-from .tiny_models import shipped_config
+from .model_configs import shipped_config
 
 log = logging.getLogger(__name__)
 

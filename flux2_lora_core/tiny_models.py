@@ -16,13 +16,13 @@ from __future__ import annotations
 import json
 import logging
 import zlib
-from importlib import resources
 from pathlib import Path
 
 import torch
 
 from . import __version__
 from .errors import ConfigError
+from .model_configs import shipped_config
 from .tokenizer import build_tokenizer
 
 log = logging.getLogger(__name__)
@@ -60,15 +60,6 @@ COMFYUI_FILES = {
 }
 # safetensors header keys written into every tiny single file.
 METADATA_PREFIX = "flux2_lora."
-
-
-def shipped_config(name: str, component: str = "") -> dict:
-    """A real config shipped in flux2_lora_core/configs (e.g. "flux2-dev", "transformer"), without the
-    `_class_name` / `_diffusers_version` bookkeeping that `from_config` does not need."""
-    folder = resources.files(__package__).joinpath("configs", name, *([component] if component else []))
-    filename = "scheduler_config.json" if component == "scheduler" else "config.json"
-    config = json.loads(folder.joinpath(filename).read_text(encoding="utf-8"))
-    return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
 def _check(variant: str, fmt: str | None = None) -> None:

@@ -7,7 +7,6 @@ raise: unreadable files, links, FIFOs and odd names become problems in the repor
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
@@ -18,6 +17,7 @@ from pathlib import Path
 from .buckets import assign_bucket, make_buckets
 from .dataset import IMAGE_EXTENSIONS, Dataset, scan_dataset, with_trigger
 from .errors import ConfigError, DatasetError, ImageError
+from .model_configs import SHIPPED, shipped_config
 from .images import ImageInfo, image_error, probe_image, verify_image_file
 
 MIN_SIDE, SMALL_SIDE = 256, 512  # short side below MIN_SIDE: error; below SMALL_SIDE: warning
@@ -316,11 +316,9 @@ def _stats(dataset: Dataset, tally: _Tally, resolution, buckets, model_variant: 
 
 
 def _joint_attention_dim(model_variant: str) -> int:
-    configs = Path(__file__).resolve().parent / "configs"
-    known = sorted(p.name for p in configs.iterdir() if (p / "transformer" / "config.json").is_file())
-    if model_variant not in known:
-        raise ConfigError([("model_variant", f"{model_variant!r} is not one of {', '.join(known)}")])
-    return int(json.loads((configs / model_variant / "transformer" / "config.json").read_text())["joint_attention_dim"])
+    if model_variant not in SHIPPED:
+        raise ConfigError([("model_variant", f"{model_variant!r} is not one of {', '.join(sorted(SHIPPED))}")])
+    return int(shipped_config(model_variant, "transformer")["joint_attention_dim"])
 
 
 def _human(n: int) -> str:
