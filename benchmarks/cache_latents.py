@@ -29,11 +29,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from flux2_lora_core.dataset import load_dataset  # noqa: E402
-from flux2_lora_core.encoders import LoadedEncoders  # noqa: E402
-from flux2_lora_core.encoding import MAX_SEQUENCE_LENGTH  # noqa: E402
-from flux2_lora_core.latent_cache import CacheSettings, build_latent_cache  # noqa: E402
-from flux2_lora_core.tiny_models import build_tiny_pipeline, shipped_config  # noqa: E402
+from flux2_lora_core.cache import CacheSettings, build_latent_cache  # noqa: E402
+from flux2_lora_core.cache.encoding import MAX_SEQUENCE_LENGTH  # noqa: E402
+from flux2_lora_core.cache.frozen_encoders import LoadedEncoders  # noqa: E402
+from flux2_lora_core.data import load_dataset  # noqa: E402
+from flux2_lora_core.models import build_tiny_pipeline, shipped_config  # noqa: E402
 from validate_dataset import write_pair  # noqa: E402  (the same photo-like generator)
 
 TEXT_HIDDEN = {"flux2-klein-4b": 2560, "flux2-klein-9b": 4096, "flux2-dev": 5120}

@@ -23,12 +23,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flux2_lora_core import trainer  # noqa: E402
 from flux2_lora_core.config import load_config  # noqa: E402
-from flux2_lora_core.demo_data import write_demo_dataset  # noqa: E402
-from flux2_lora_core.flow_matching import image_ids, predict_velocity, text_ids  # noqa: E402
-from flux2_lora_core.lora import trainable_parameters  # noqa: E402
-from flux2_lora_core.tiny_models import write_tiny_model  # noqa: E402
+from flux2_lora_core.data import write_demo_dataset  # noqa: E402
+from flux2_lora_core.models import write_tiny_model  # noqa: E402
+from flux2_lora_core.training import trainer  # noqa: E402
+from flux2_lora_core.training.flow_matching import image_ids, predict_velocity, text_ids  # noqa: E402
+from flux2_lora_core.training.lora import trainable_parameters  # noqa: E402
 
 
 def bare_loop(s, steps: int, x0, text, noise, sigmas, img_ids, txt_ids, guidance):

@@ -25,7 +25,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
 
-from flux2_lora_core import validation  # noqa: E402
+from flux2_lora_core.data import validation  # noqa: E402
 
 
 def write_pair(folder: Path, index: int, seed: int) -> int:

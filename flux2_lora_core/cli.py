@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .captions import normalise_caption_extensions
+from .data import normalise_caption_extensions
 from .errors import ConfigError, Flux2LoraError
 from .terminal import ProgressBars, StopOnSignal, TrainingBar
 
@@ -48,7 +48,7 @@ def extensions(text: str) -> tuple[str, ...]:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from .validation import validate_dataset
+    from .data import validate_dataset
 
     report = validate_dataset(
         args.path, strict=args.strict, min_images=args.min_images, resolution=args.resolution,
@@ -63,7 +63,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:
-    from .tiny_models import write_tiny_model
+    from .models import write_tiny_model
 
     out = Path(args.out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -77,8 +77,8 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
+    from .cache import cache_for_config
     from .config import check_paths, load_config
-    from .latent_cache import cache_for_config
 
     config = load_config(args.config, args.overrides, check=lambda c: check_paths(c, needs=("model", "data")))
     with ProgressBars() as progress:
@@ -123,7 +123,7 @@ def _run(start, desc: str) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .trainer import train
+    from .training import train
 
     config = _load(args)
     return _run(lambda callbacks: train(config, callbacks), "train")
@@ -137,7 +137,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_find_lr(args: argparse.Namespace) -> int:
-    from .lr_finder import run_range_test
+    from .training import run_range_test
 
     config = _load(args)
     with StopOnSignal():
@@ -159,7 +159,7 @@ def cmd_find_lr(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_lora
+    from .lora_files import export_lora
 
     out = export_lora(args.source, fmt=args.format, out=args.out)
     print(f"wrote {args.format} LoRA {out}")

@@ -43,7 +43,7 @@ def _device(value: str) -> str:
 
 
 def _caption_extensions(value: tuple[str, ...]) -> tuple[str, ...]:
-    from .captions import normalise_caption_extensions  # here: captions imports PIL, config stays light
+    from .data import normalise_caption_extensions  # here: captions imports PIL, config stays light
 
     try:
         return normalise_caption_extensions(value)

@@ -14,8 +14,8 @@ import logging
 from pathlib import Path
 
 from .config import load_config
-from .demo_data import TRIGGER, write_demo_dataset
-from .tiny_models import write_tiny_model
+from .data import TRIGGER, write_demo_dataset
+from .models import write_tiny_model
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def prepare_demo(output: Path) -> None:
 
 
 def run_demo(output="flux2-lora-demo", *, steps: int | None = None, callbacks=None, overrides=()):
-    from .trainer import train
+    from .training import train
 
     output, steps = Path(output), steps or DEMO_STEPS
     prepare_demo(output)

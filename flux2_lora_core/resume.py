@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .checkpoint import checkpoint_step, newest_intact, read_checkpoint
+from .checkpoints import checkpoint_step, newest_intact, read_checkpoint
 from .config import config_from_dict, load_config
 from .errors import CheckpointError, ConfigError
 
@@ -72,7 +72,7 @@ def run_folder_of(checkpoint: Path) -> Path:
 def resume(path, *, steps: int | None = None, output=None, overrides=(), updates=None, callbacks=None,
            encoders=None, transformer=None):
     """Continue the run at `path` (a checkpoint folder, a run folder or its checkpoints/); returns TrainingResult."""
-    from .trainer import new_run_dir, train
+    from .training import new_run_dir, train
 
     chosen, skipped = newest_intact(path)
     for folder, why in skipped:

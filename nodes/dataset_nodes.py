@@ -11,9 +11,8 @@ import os
 import folder_paths
 from comfy_api.latest import io, ui
 
-from ..flux2_lora_core.dataset import load_dataset
+from ..flux2_lora_core.data import load_dataset, validate_dataset
 from ..flux2_lora_core.errors import DatasetError, Flux2LoraError
-from ..flux2_lora_core.validation import validate_dataset
 
 CATEGORY = "FLUX.2 LoRA"
 Dataset = io.Custom("FLUX2_DATASET")

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from ..flux2_lora_core.config import SCHEDULES, Config, ModelConfig, config_from_dict
 from ..flux2_lora_core.errors import ConfigError, Flux2LoraError
-from ..flux2_lora_core.trainer import Callbacks
+from ..flux2_lora_core.training import Callbacks
 from .dataset_nodes import CATEGORY, Dataset
 
 Model = io.Custom("FLUX2_MODEL")
@@ -126,7 +126,7 @@ class CacheLatents(io.ComfyNode):
 
     @classmethod
     def execute(cls, dataset, model, resolution, buckets, max_aspect, flip, cache_dir="") -> io.NodeOutput:
-        from ..flux2_lora_core.latent_cache import cache_for_config
+        from ..flux2_lora_core.cache import cache_for_config
 
         free_comfy_memory()
         config = Config(model=model).replace(cache={"dir": cache_dir or runs_folder("cache")}, data=dict(
@@ -208,7 +208,7 @@ class Train(io.ComfyNode):
     @classmethod
     def execute(cls, cache, lora_config, name, resume="") -> io.NodeOutput:
         from ..flux2_lora_core.resume import resume as resume_run
-        from ..flux2_lora_core.trainer import train
+        from ..flux2_lora_core.training import train
 
         free_comfy_memory()
         config, progress = cache.replace(output={"dir": runs_folder(), "name": name}, **lora_config), ComfyProgress()
@@ -240,7 +240,7 @@ def run_in_outputs(text: str) -> str:
 
 def run_losses(run_dir: Path) -> list[float]:
     """The whole run's losses (a resumed run's too) for Plot Loss Graph, which needs at least two points."""
-    from ..flux2_lora_core.metrics import read_metrics
+    from ..flux2_lora_core.training import read_metrics
 
     losses = [r["loss"] for r in read_metrics(Path(run_dir) / "metrics.jsonl") if r.get("loss") is not None]
     return losses * 2 if len(losses) == 1 else losses

@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from flux2_lora_core.checkpoint import checkpoint_step, find_checkpoints, newest_intact, verify_checkpoint  # noqa: E402
+from flux2_lora_core.checkpoints import checkpoint_step, find_checkpoints, newest_intact, verify_checkpoint  # noqa: E402
 
 
 def cli(*args) -> list[str]:
@@ -82,8 +82,8 @@ def main() -> int:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     rng = random.Random(args.seed)
 
-    from flux2_lora_core.demo_data import write_demo_dataset
-    from flux2_lora_core.tiny_models import write_tiny_model
+    from flux2_lora_core.data import write_demo_dataset
+    from flux2_lora_core.models import write_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -135,8 +135,8 @@ def training_files(tmp_path_factory):
     made = {}
 
     def make(variant: str = "klein", images: int = 4) -> Path:
-        from flux2_lora_core.demo_data import write_demo_dataset
-        from flux2_lora_core.tiny_models import write_tiny_model
+        from flux2_lora_core.data.demo_data import write_demo_dataset
+        from flux2_lora_core.models.tiny_models import write_tiny_model
 
         if (variant, images) not in made:
             root = tmp_path_factory.mktemp(f"training-{variant}-{images}")

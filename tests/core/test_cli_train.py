@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-
 ROOT = Path(__file__).resolve().parents[2]
 
 

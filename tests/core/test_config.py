@@ -12,8 +12,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flux2_lora_core.config import (CacheConfig, Config, DataConfig, ModelConfig, OutputConfig, check_paths,
-                                    config_from_dict, default_cache_dir, describe_keys, load_config)
+from flux2_lora_core.config import (
+    CacheConfig,
+    Config,
+    DataConfig,
+    ModelConfig,
+    OutputConfig,
+    check_paths,
+    config_from_dict,
+    default_cache_dir,
+    describe_keys,
+    load_config,
+)
 from flux2_lora_core.errors import ConfigError, Flux2LoraError
 
 
@@ -92,8 +102,8 @@ def test_empty_file_section_and_text_value_mean_defaults(tmp_path):
 
 
 def test_choices_match_the_modules_that_use_them():
-    from flux2_lora_core.cache_store import VERIFY_MODES
-    from flux2_lora_core.encoding import TEXT_CONDITIONING
+    from flux2_lora_core.cache.encoding import TEXT_CONDITIONING
+    from flux2_lora_core.cache.store import VERIFY_MODES
 
     meta = {k: f.metadata for s in (ModelConfig, CacheConfig) for k, f in s.__dataclass_fields__.items()}
     assert meta["verify"]["choices"] == tuple(VERIFY_MODES)

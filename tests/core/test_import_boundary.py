@@ -9,8 +9,9 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
 COMFY_MODULES = {"comfy", "comfy_api", "comfy_extras", "comfy_execution", "comfy_config", "folder_paths", "server",
@@ -91,8 +92,8 @@ def test_nodes_reach_the_engine_relatively():
 
 def test_only_the_engine_is_installed():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    packages = pyproject["tool"]["setuptools"]["packages"]
-    assert all(p.split(".")[0] == "flux2_lora_core" for p in packages), packages
+    packages = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
+    assert packages == ["flux2_lora_core", "flux2_lora_core.*"], packages
     assert pyproject["project"]["scripts"]["flux2-lora"] == "flux2_lora_core.cli:main"
     assert not any(d.startswith("torch") and any(op in d for op in ("==", "<")) for d in pyproject["project"]["dependencies"])
 

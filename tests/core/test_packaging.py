@@ -1,7 +1,8 @@
-"""The wheel users install holds every shipped config and none of the ComfyUI-only folders."""
+"""The wheel users install holds every engine module and shipped config, and none of the ComfyUI-only folders."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -12,18 +13,26 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_wheel_ships_every_config_and_no_nodes_folder(tmp_path):
+def test_wheel_ships_every_module_and_config_and_no_nodes_folder(tmp_path):
     # A non-editable install reads configs from the wheel: a missing one means "cannot detect the variant"
-    # only for users who pip-install, never in an editable checkout.
+    # only for users who pip-install, never in an editable checkout. The build runs on a copy: setuptools'
+    # build/ folder in a checkout can hold modules from before a move, which must not hide a missing one.
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "flux2_lora_core"):
+        copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy2
+        copy(ROOT / name, source / name, **({"ignore": shutil.ignore_patterns("__pycache__")}
+                                            if (ROOT / name).is_dir() else {}))
     result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                             "-w", str(tmp_path / "dist"), str(ROOT)], capture_output=True, text=True,
+                             "-w", str(tmp_path / "dist"), str(source)], capture_output=True, text=True,
                             cwd=tmp_path, timeout=300)
     if result.returncode and "No module named pip" in result.stderr:
         pytest.skip("pip is not available in this interpreter")
     assert result.returncode == 0, result.stderr[-2000:]
     (wheel,) = (tmp_path / "dist").glob("*.whl")
-    names = set(zipfile.ZipFile(wheel).namelist())
-    shipped = {p.relative_to(ROOT).as_posix() for p in (ROOT / "flux2_lora_core" / "configs").rglob("*.json")}
-    assert shipped and shipped <= names, sorted(shipped - names)
-    assert not any(name.startswith(("nodes/", "web/", "tests/")) for name in names)
-    assert "flux2_lora_core/cli.py" in names
+    names = {n for n in zipfile.ZipFile(wheel).namelist() if ".dist-info/" not in n}
+    package = ROOT / "flux2_lora_core"
+    expected = {p.relative_to(ROOT).as_posix() for p in package.rglob("*")
+                if p.is_file() and p.suffix in (".py", ".json") and "__pycache__" not in p.parts}
+    assert any(n.startswith("flux2_lora_core/models/configs/") for n in expected)
+    assert names == expected, (sorted(expected - names), sorted(names - expected))

@@ -15,11 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from flux2_lora_core import trainer
-from flux2_lora_core.checkpoint import checkpoint_step, find_checkpoints
+from flux2_lora_core.checkpoints.checkpoint import checkpoint_step, find_checkpoints
 from flux2_lora_core.config import load_config
 from flux2_lora_core.errors import CheckpointError, ConfigError
 from flux2_lora_core.resume import resume
+from flux2_lora_core.training import trainer
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from flux2_lora_core.checkpoint import find_checkpoints
-from flux2_lora_core.demo_data import write_demo_dataset
-from flux2_lora_core.tiny_models import COMFYUI_FILES, write_tiny_model
+from flux2_lora_core.checkpoints.checkpoint import find_checkpoints
+from flux2_lora_core.data.demo_data import write_demo_dataset
+from flux2_lora_core.models.tiny_models import COMFYUI_FILES, write_tiny_model
 
 pytestmark = pytest.mark.integration
 

@@ -1,0 +1,248 @@
+"""The latent cache: every (image, bucket) through the VAE once and every caption through the text
+encoder once, kept on disk across runs, graphs and restarts.
+
+Encoding is the slow part of a naive trainer (audit 1.2, 1.3, 2.3), and the encoders are the big
+part of its memory: with everything cached, training needs neither. A build therefore
+
+1. plans: hashes each image's bytes (memoised by size and mtime) and caption, and picks its bucket at
+   every resolution of the schedule;
+2. reuses every entry whose key (image hash, resolution, bucket, flip) or caption hash is already in
+   the store for this exact model and encoding, and loads an encoder only if something is missing;
+3. encodes the rest, writes new shards, then the manifests (see cache_store.py), and releases the
+   encoders before it returns.
+
+The empty caption is always cached, so caption dropout works without the text encoder. With flips
+on, both orientations are encoded: a flipped latent is never derived from an unflipped one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from ..config import default_cache_dir
+from ..data import assign_bucket, file_sha256, load_image_rgb, probe_image
+from ..disk import write_atomically
+from ..errors import ConfigError, DatasetError, Flux2LoraError
+from ..models import free_memory
+from .encoding import check_mode, encode_images, encode_prompts, image_to_pixels
+from .index import (
+    CACHE_FORMAT_VERSION,
+    INDEX,
+    CachedItem,
+    CacheSettings,
+    CacheSummary,
+    LatentCache,
+    index_of,
+    text_key,
+)
+from .store import VERIFY_MODES, ShardStore
+
+log = logging.getLogger(__name__)
+
+
+
+# ---------------------------------------------------------------------------------------------- build
+def dataset_cache_root(cache_dir, dataset) -> Path:
+    """One folder per dataset location, named so users can tell which is which."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", dataset.root.name)[:40] or "dataset"
+    where = hashlib.sha256(str(dataset.root.resolve()).encode()).hexdigest()[:10]
+    return Path(cache_dir or default_cache_dir()).expanduser() / f"{slug}-{where}"
+
+
+def _check(settings: CacheSettings, family: str, batch_size: int, verify: str) -> None:
+    check_mode(family, settings.text_conditioning)
+    problems = []
+    if batch_size < 1:
+        problems.append(("cache.batch_size", f"{batch_size!r} must be at least 1"))
+    if verify not in VERIFY_MODES:
+        problems.append(("cache.verify", f"{verify!r} is not a verify mode: choose one of {', '.join(VERIFY_MODES)}"))
+    if not settings.resolutions:
+        problems.append(("data.resolution", "no resolution given"))
+    if problems:
+        raise ConfigError(problems)
+    for resolution in settings.resolutions:
+        settings.bucket_list(resolution)  # raises ConfigError for a bad resolution or max_aspect
+
+
+def _image_hash(item, memo: dict, rel: str) -> tuple[str, int, int]:
+    """(sha256, width, height) of an image, re-read only when its size or mtime changed."""
+    st = os.stat(item.image_path)
+    stamp = [st.st_size, st.st_mtime_ns]
+    known = memo.get(rel)
+    if known and known[:2] == stamp:
+        return known[2], known[3], known[4]
+    info = probe_image(item.image_path)
+    digest = file_sha256(item.image_path)
+    memo[rel] = [*stamp, digest, info.width, info.height]
+    return digest, info.width, info.height
+
+
+def build_latent_cache(dataset, encoders, settings: CacheSettings = CacheSettings(), *, cache_dir=None,
+                       batch_size: int = 4, verify: str = "quick", progress=None, prompts=()) -> LatentCache:
+    """Bring the cache for `dataset` up to date and return it (see the module docstring).
+
+    `encoders` provides `family`, `fingerprint(part)` and context managers `vae()` /
+    `text_encoder()` (see models.py); they are entered only when something must be encoded.
+    `progress(phase, done, total)` is called as work completes ("latents", "captions").
+    `prompts` (sample prompts) are encoded with the captions, so a run never loads the text encoder twice,
+    and kept while the next build asks for them again; read them with `LatentCache.prompt(text)`.
+    """
+    from filelock import FileLock  # torch's own dependency: a lock that works on Windows too
+
+    started = time.perf_counter()
+    family = encoders.family
+    _check(settings, family, batch_size, verify)
+    root = dataset_cache_root(cache_dir, dataset)
+    root.mkdir(parents=True, exist_ok=True)
+    summary = CacheSummary()
+    with FileLock(str(root / ".lock")):
+        latents = ShardStore(root / f"latents-{encoders.fingerprint('vae')[:16]}",
+                             {"format": CACHE_FORMAT_VERSION, "kind": "latents", "vae": encoders.fingerprint("vae")}
+                             ).load(verify)
+        texts = ShardStore(root / f"text-{encoders.fingerprint('text')[:16]}-{settings.text_conditioning}",
+                           {"format": CACHE_FORMAT_VERSION, "kind": "text", "family": family,
+                            "text_encoder": encoders.fingerprint("text"), "mode": settings.text_conditioning}
+                           ).load(verify)
+        summary.rebuilt_shards = latents.damaged + texts.damaged
+        items, captions, todo = _plan(dataset, settings, latents, summary)
+        extra = {text_key(p): p for p in prompts}
+        _encode_latents(dataset, encoders, todo, latents, batch_size, progress, summary)
+        empty_key = _encode_captions(encoders, {**captions, **extra}, texts, family, settings, batch_size, progress, summary)
+        skipped = {path for path, _ in summary.skipped}
+        items = [item for item in items if item.path not in skipped]
+        if not items:
+            raise DatasetError(f"no image of {dataset.root} could be cached:\n  "
+                               + "\n  ".join(f"{p}: {r}" for p, r in summary.skipped[:20]))
+        latents.commit(keep={k for item in items for keys in item.latent_keys.values() for k in keys})
+        texts.commit(keep={item.caption_key for item in items} | {empty_key} | extra.keys())
+        summary.bytes_on_disk = latents.bytes_on_disk + texts.bytes_on_disk
+        summary.seconds = time.perf_counter() - started
+        cache = LatentCache(root, items, family, settings, latents, texts, empty_key, summary)
+        write_atomically(root / INDEX, json.dumps(index_of(cache), indent=1).encode())
+    log.debug("latent cache %s: %s", root, summary.format_text())
+    return cache
+
+
+def _plan(dataset, settings, latents, summary):
+    """Items with their entry keys, the captions to look up, and the missing latents by bucket."""
+    memo = latents.extra.setdefault("files", {})
+    items, captions, planned = [], {}, set()
+    bucket_lists = {resolution: settings.bucket_list(resolution) for resolution in settings.resolutions}
+    todo = defaultdict(list)  # (resolution, bucket) -> [(item index in dataset, keys)]
+    for index, item in enumerate(dataset.items):
+        rel = dataset.relative_path(item)
+        try:
+            digest, width, height = _image_hash(item, memo, rel)
+            caption = item.read_caption()
+        except (Flux2LoraError, OSError) as exc:
+            summary.skipped.append((rel, str(exc)))
+            continue
+        caption_key = text_key(caption)
+        captions[caption_key] = caption
+        buckets, keys = {}, {}
+        for resolution in settings.resolutions:
+            bucket = assign_bucket(width, height, bucket_lists[resolution])
+            flips = (False, True) if settings.flip else (False,)
+            keys[resolution] = tuple(f"{digest}:{resolution}:{bucket[0]}x{bucket[1]}:{'flip' if f else 'plain'}"
+                                     for f in flips)
+            buckets[resolution] = bucket
+            missing = [k for k in keys[resolution] if k not in latents.entries and k not in planned]
+            summary.images_reused += sum(k in latents.entries for k in keys[resolution])
+            if missing:  # an exact duplicate image is encoded once
+                planned.update(missing)
+                todo[(resolution, bucket)].append((index, tuple(missing)))
+        items.append(CachedItem(rel, item.repeats, caption_key, buckets, keys))
+    live = {item.path for item in items}
+    latents.extra["files"] = {rel: v for rel, v in memo.items() if rel in live}
+    return items, captions, todo
+
+
+def _encode_latents(dataset, encoders, todo, store, batch_size, progress, summary) -> None:
+    total = sum(len(keys) for work in todo.values() for _, keys in work)
+    if not total:
+        return
+    done = 0
+    with encoders.vae() as vae:
+        for (resolution, bucket), work in sorted(todo.items()):
+            for start in range(0, len(work), batch_size):
+                pixels, keys = [], []
+                for index, item_keys in work[start:start + batch_size]:
+                    item = dataset.items[index]
+                    try:
+                        image = load_image_rgb(item.image_path)
+                    except Flux2LoraError as exc:
+                        summary.skipped.append((dataset.relative_path(item), str(exc)))
+                        continue
+                    for key in item_keys:
+                        pixels.append(image_to_pixels(image, bucket, flip=key.endswith(":flip")))
+                        keys.append(key)
+                if keys:
+                    for key, latent in zip(keys, _encode_with_backoff(vae, torch.stack(pixels))):
+                        store.put(key, latent)
+                    summary.images_encoded += len(keys)
+                done += sum(len(k) for _, k in work[start:start + batch_size])
+                if progress:
+                    progress("latents", done, total)
+
+
+def _encode_with_backoff(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """Encode; on out-of-memory, halve the batch and go on rather than fail the build."""
+    try:
+        return encode_images(vae, pixels)
+    except torch.OutOfMemoryError:
+        if len(pixels) == 1:
+            raise
+        free_memory()
+        half = len(pixels) // 2
+        log.warning("out of memory encoding %d images at once: retrying in halves (lower cache.batch_size)",
+                    len(pixels))
+        return torch.cat([_encode_with_backoff(vae, pixels[:half]), _encode_with_backoff(vae, pixels[half:])])
+
+
+def _encode_captions(encoders, captions, store, family, settings, batch_size, progress, summary) -> str:
+    empty_key = text_key("")
+    captions = {**captions, empty_key: ""}
+    missing = [(key, text) for key, text in captions.items() if key not in store.entries]
+    summary.captions_reused = len(captions) - len(missing)
+    if not missing:
+        return empty_key
+    missing.sort(key=lambda kv: len(kv[1]))  # similar lengths batch together: less padding work
+    with encoders.text_encoder() as (text_encoder, tokenizer):
+        for start in range(0, len(missing), batch_size):
+            chunk = missing[start:start + batch_size]
+            embeds = encode_prompts(text_encoder, tokenizer, [text for _, text in chunk], family=family,
+                                    mode=settings.text_conditioning)
+            for (key, _), embedding in zip(chunk, embeds):
+                store.put(key, embedding, rows=int(embedding.shape[0]))
+            summary.captions_encoded += len(chunk)
+            if progress:
+                progress("captions", summary.captions_encoded, len(missing))
+    return empty_key
+
+
+def cache_for_config(config, *, encoders=None, progress=None, prompts=()):
+    """(LatentCache, encoders) for a config's model, data and cache sections: what `flux2-lora cache`, the
+    trainer and the Cache Latents node all do. Encoders open from config.model unless given."""
+    from ..data import load_dataset
+    from .frozen_encoders import open_encoders
+
+    data = config.data
+    dataset = load_dataset(data.path, caption_extensions=data.caption_extensions, trigger_word=data.trigger_word,
+                           repeats=data.repeats, recursive=data.recursive)
+    encoders = encoders or open_encoders(config.model)
+    settings = CacheSettings(resolutions=data.resolution, buckets=data.buckets, max_aspect=data.max_aspect,
+                             flip=data.flip, text_conditioning=config.model.text_conditioning)
+    cache = build_latent_cache(dataset, encoders, settings, cache_dir=config.cache.resolved_dir,
+                               batch_size=config.cache.batch_size, verify=config.cache.verify, progress=progress,
+                               prompts=prompts)
+    return cache, encoders
+

@@ -1,0 +1,310 @@
+"""A training folder as a small, picklable value: which images, where each caption lives, how often.
+
+Rules (kohya-compatible where kohya has one):
+- Images are files with an extension in IMAGE_EXTENSIONS, any case. Hidden files and folders
+  (".name", incl. macOS "._x.jpg" forks) and tool folders (SKIPPED_FOLDERS) are never read.
+- A caption comes from a sidecar file with the image's exact stem and the first of `caption_extensions`
+  that exists, extension in any case (`a.png` -> `a.txt`, `a.TXT`); else from a `metadata.jsonl` line
+  {"file_name", "text"} whose file_name is relative to that file's folder (the deepest such file wins);
+  else there is none. Sidecar text is UTF-8 (a BOM is dropped), stripped of surrounding whitespace.
+- A sub-folder named `N_name` (e.g. `10_mychar`) repeats its images N times; the innermost such
+  folder counts, and the `repeats` argument multiplies everything (`10_mychar` with repeats=2 gives 20),
+  so the balance between folders stays as the folder names say. The dataset folder's own name is
+  never read as a repeat count.
+- Order: relative paths sorted component by component (code points, no locale), whatever the
+  file system lists.
+Captions are read when asked for (`item.read_caption()`), never held: items store the sidecar path,
+or the metadata file with the line's byte offset. Problems found while scanning (bad metadata lines,
+unreadable folders, orphan captions) are kept as `notes` for `validate_dataset` to report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from ..errors import ConfigError, DatasetError
+from .captions import CaptionSource, normalise_caption_extensions, parse_metadata_line, with_trigger
+from .images import IMAGE_EXTENSIONS, file_sha256, open_regular_file
+
+OTHER_IMAGE_EXTENSIONS = frozenset({".gif", ".heic", ".heif", ".avif", ".jxl", ".jfif", ".svg", ".psd", ".dng"})
+SKIPPED_FOLDERS = frozenset({"__MACOSX", "@eaDir", "__pycache__"})  # plus every hidden ".name"
+LARGE_REPEATS = 100  # a folder like "2023_trip" would mean 2023 repeats: warn above this
+_REPEAT_FOLDER = re.compile(r"(\d+)_.+")
+
+
+@dataclass(frozen=True)
+class ScanNote:
+    """Something load_dataset noticed but did not fail on; validate_dataset turns it into a Problem."""
+
+    severity: str  # "error" | "warning"
+    code: str
+    path: str | None  # relative to the dataset root, POSIX separators
+    message: str
+    fix: str
+    line: int | None = None
+
+
+@dataclass(frozen=True)
+class DatasetItem:
+    image_path: Path
+    caption_source: CaptionSource | None = None
+    repeats: int = 1
+    trigger_word: str = ""
+
+    def read_raw_caption(self) -> str:
+        """The caption as written ("" when there is none); DatasetError if it cannot be read."""
+        return self.caption_source.read() if self.caption_source else ""
+
+    def read_caption(self) -> str:
+        """The caption the model trains on: the trigger word prepended to the raw caption."""
+        return with_trigger(self.trigger_word, self.read_raw_caption())
+
+
+@dataclass(frozen=True)
+class Dataset:
+    root: Path
+    items: tuple[DatasetItem, ...]
+    caption_extensions: tuple[str, ...] = (".txt",)
+    trigger_word: str = ""
+    repeats: int = 1
+    recursive: bool = True
+    metadata_file: str = "metadata.jsonl"
+    notes: tuple[ScanNote, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __repr__(self) -> str:
+        # Short on purpose: ComfyUI echoes str() of every input in its error payloads, and the
+        # dataclass default would list every item.
+        trigger = f", trigger={self.trigger_word!r}" if self.trigger_word else ""
+        return f"Dataset({str(self.root)!r}, {len(self.items)} images{trigger})"
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def __getitem__(self, index: int) -> DatasetItem:
+        return self.items[index]
+
+    def caption(self, index: int) -> str:
+        return self.items[index].read_caption()
+
+    def relative_path(self, item_or_path) -> str:
+        path = item_or_path.image_path if isinstance(item_or_path, DatasetItem) else Path(item_or_path)
+        return path.relative_to(self.root).as_posix()
+
+    @property
+    def num_samples(self) -> int:
+        """Images seen per epoch: every image counted `repeats` times."""
+        return sum(item.repeats for item in self.items)
+
+    def fingerprint(self, *, content: bool = True) -> str:
+        """SHA-256 over each item's relative path, image bytes, final caption and repeats.
+
+        Content hashes (default) rather than size+mtime: the latent cache this keys is expensive to
+        rebuild, and copying or unzipping a dataset onto another machine changes every mtime while the
+        pixels stay the same; hashing costs ~0.6 s per GB. `content=False` uses size and mtime_ns
+        instead for a quick "did anything change" check. The folder's absolute location is not
+        included, so a moved dataset keeps its fingerprint. Raises DatasetError (ImageError) for a file
+        that cannot be read: validate first.
+        """
+        def file_key(item: DatasetItem) -> str:
+            if content:
+                return file_sha256(item.image_path)
+            st = os.stat(item.image_path)
+            return f"{st.st_size}:{st.st_mtime_ns}"
+
+        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+            keys = list(pool.map(file_key, self.items))
+        digest = hashlib.sha256(b"flux2-lora-dataset-v1\n")
+        for item, key in zip(self.items, keys):
+            record = [self.relative_path(item), key, item.read_caption(), item.repeats]
+            digest.update(json.dumps(record, ensure_ascii=True).encode() + b"\n")
+        return digest.hexdigest()
+
+
+def load_dataset(path, *, caption_extensions=(".txt",), trigger_word: str = "", repeats: int = 1,
+                 recursive: bool = True, metadata_file: str = "metadata.jsonl") -> Dataset:
+    """Scan a dataset folder. Raises DatasetError when the path is not a folder or holds no images."""
+    dataset = scan_dataset(path, caption_extensions=caption_extensions, trigger_word=trigger_word,
+                           repeats=repeats, recursive=recursive, metadata_file=metadata_file)
+    if not dataset.items:
+        where = "it or its sub-folders" if recursive else "it (sub-folders were not scanned: recursive is off)"
+        raise DatasetError(f"no images found in {dataset.root}: looked in {where} for "
+                           f"{', '.join(sorted(IMAGE_EXTENSIONS))} files; put the training images there")
+    return dataset
+
+
+def scan_dataset(path, *, caption_extensions=(".txt",), trigger_word: str = "", repeats: int = 1,
+                 recursive: bool = True, metadata_file: str = "metadata.jsonl") -> Dataset:
+    """load_dataset, except that a folder without images gives an empty Dataset (for validation)."""
+    exts = normalise_caption_extensions(caption_extensions)
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ConfigError([("repeats", f"{repeats!r} is not a whole number of at least 1")])
+    root = _dataset_root(path)
+    scan = _Scan(root, exts, bool(recursive), metadata_file)
+    captions = scan.metadata_captions()
+    trigger = str(trigger_word or "")
+    items = []
+    for parts, folder_repeats in sorted(scan.images.items()):
+        stems = scan.captions.get(parts[:-1], {}).get(os.path.splitext(parts[-1])[0], {})
+        sidecar = next((stems[e] for e in exts if e in stems), None)
+        source = CaptionSource(sidecar) if sidecar else captions.get(parts)
+        items.append(DatasetItem(root.joinpath(*parts), source, folder_repeats * repeats, trigger))
+    image_stems = {(parts[:-1], os.path.splitext(parts[-1])[0]) for parts in scan.images}
+    for folder, stems in sorted(scan.captions.items()):
+        for stem, found in sorted(stems.items()):
+            for path in sorted(found.values()) if (folder, stem) not in image_stems else ():
+                scan.note("warning", "orphan_caption", path, "caption file with no image of the same name",
+                          "add the image, rename the caption to match it, or delete it")
+    return Dataset(root, tuple(items), exts, trigger, repeats, bool(recursive), metadata_file, tuple(scan.notes))
+
+
+class _Scan:
+    """One walk over the folder tree: images, sidecar captions, metadata files and what went wrong."""
+
+    def __init__(self, root: Path, exts: tuple[str, ...], recursive: bool, metadata_file: str):
+        self.root, self.exts, self.metadata_file = root, exts, metadata_file
+        self.images: dict[tuple[str, ...], int] = {}  # relative parts -> folder repeats
+        self.captions: dict[tuple[str, ...], dict[str, dict[str, Path]]] = {}  # folder -> stem -> ext -> path
+        self.metadata: list[tuple[tuple[str, ...], Path]] = []
+        self.notes: list[ScanNote] = []
+        st = os.stat(root)
+        seen, stack = {(st.st_dev, st.st_ino)}, [((), 1)]
+        while stack:
+            folder, folder_repeats = stack.pop()
+            for name, is_dir, key in self._entries(folder):
+                parts = (*folder, name)
+                lower = name.lower()
+                ext = os.path.splitext(lower)[1]
+                if is_dir:
+                    if recursive and key in seen:
+                        self.note("warning", "folder_seen_twice", parts, "links back to a folder already scanned",
+                                  "remove the link (it was skipped to avoid a loop or counting images twice)")
+                    elif recursive:
+                        seen.add(key)
+                        stack.append((parts, self._repeats(parts, folder_repeats)))
+                elif ext in IMAGE_EXTENSIONS:  # also FIFOs and broken links: validation reports them
+                    self.images[parts] = folder_repeats
+                elif name == metadata_file:
+                    self.metadata.append((folder, self.root.joinpath(*parts)))
+                elif cap := max((e for e in exts if lower.endswith(e) and len(lower) > len(e)), key=len, default=""):
+                    stem = name[:len(name) - len(cap)]
+                    self.captions.setdefault(folder, {}).setdefault(stem, {})[cap] = self.root.joinpath(*parts)
+                elif ext in OTHER_IMAGE_EXTENSIONS:
+                    self.note("warning", "unsupported_image", parts, f"{ext} files are not read",
+                              f"convert it to PNG or JPEG ({', '.join(sorted(IMAGE_EXTENSIONS))} are read)")
+
+    def note(self, severity, code, parts, message, fix, line=None):
+        rel = parts.relative_to(self.root).as_posix() if isinstance(parts, Path) else "/".join(parts) or None
+        self.notes.append(ScanNote(severity, code, rel, message, fix, line))
+
+    def _entries(self, folder):
+        """(name, is_dir, (dev, inode)) per entry, sorted by name; unreadable folders become notes."""
+        try:
+            with os.scandir(self.root.joinpath(*folder)) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            self.note("error", "unreadable_folder", folder, f"folder cannot be read ({exc.strerror or exc}); "
+                      "its images are not in the dataset", "make it readable (e.g. chmod a+rx) or move the images")
+            return
+        for entry in entries:
+            if entry.name.startswith(".") or entry.name in SKIPPED_FOLDERS:
+                continue
+            try:
+                is_dir = entry.is_dir()  # follows symlinks
+                st = entry.stat() if is_dir else None
+                key = (st.st_dev, st.st_ino) if st else None
+            except OSError:  # a symlink loop or a vanished entry: as a file, probe_image reports it
+                is_dir, key = False, None
+            if not is_dir and not entry.name.lower().endswith(tuple(IMAGE_EXTENSIONS)):
+                try:
+                    if not entry.is_file():  # FIFOs, sockets, broken links: only images get reported
+                        continue
+                except OSError:
+                    continue
+            yield entry.name, is_dir, key
+
+    def _repeats(self, parts, inherited: int) -> int:
+        match = _REPEAT_FOLDER.fullmatch(parts[-1])
+        if not match or int(match.group(1)) < 1:
+            return inherited
+        count = int(match.group(1))
+        if count > LARGE_REPEATS:
+            self.note("warning", "large_repeats", parts, f"folder name means {count} repeats (kohya's N_name "
+                      "convention)", "rename the folder if that is not intended, e.g. '10_name' for 10 repeats")
+        return count
+
+    def metadata_captions(self) -> dict[tuple[str, ...], CaptionSource]:
+        """Read every metadata file once, deepest folder last so that it wins; keep offsets, not text."""
+        found: dict[tuple[str, ...], CaptionSource] = {}
+        for folder, path in sorted(self.metadata, key=lambda m: (len(m[0]), m[0])):
+            try:
+                with open_regular_file(path) as f:
+                    lines = f.readlines()
+            except OSError as exc:
+                self.note("error", "unreadable_metadata", path, f"cannot be read ({exc.strerror or exc})",
+                          "make it a readable text file")
+                continue
+            mine: dict[tuple[str, ...], int] = {}
+            offset = 0
+            for number, raw in enumerate(lines, 1):
+                start, offset = offset, offset + len(raw)
+                if raw.strip():
+                    entry = self._metadata_line(path, folder, number, raw, mine)
+                    if entry:
+                        found[entry[0]] = CaptionSource(path, number, start, entry[1])
+        return found
+
+    def _metadata_line(self, path, folder, number, raw, mine):
+        def bad(code, message, fix, severity="error"):
+            self.note(severity, code, path, message, fix, number)
+
+        entry = parse_metadata_line(raw)
+        if isinstance(entry, str):
+            return bad("metadata_invalid_line", entry, 'write one JSON object per line with string "file_name" '
+                       'and "text" keys, e.g. {"file_name": "a.png", "text": "a caption"}')
+        name = PurePosixPath(entry[0].replace("\\", "/"))
+        if name.is_absolute() or ".." in name.parts or not name.parts:
+            return bad("metadata_bad_file_name", f"file_name {entry[0]!r} is not inside the folder",
+                       "use a path relative to the folder that holds the metadata file")
+        target, full = (*folder, *name.parts), self.root.joinpath(*folder, *name.parts)
+        if target not in self.images and not os.path.lexists(full):
+            return bad("metadata_missing_file", f"file_name {entry[0]!r} does not exist",
+                       "fix the name or remove the line")
+        if target not in self.images and (os.path.splitext(name.name)[1].lower() not in IMAGE_EXTENSIONS
+                                          or os.path.isdir(full)):
+            return bad("metadata_not_image", f"file_name {entry[0]!r} is not a supported image",
+                       "point it at a .png/.jpg/.webp image or remove the line")
+        if target not in self.images:
+            return bad("metadata_skipped_file", f"file_name {entry[0]!r} is not part of the dataset (hidden, or in a "
+                       "sub-folder with recursive off)", "move the image or turn recursive on", "warning")
+        if target in mine:
+            bad("metadata_duplicate", f"file_name {entry[0]!r} is also on line {mine[target]}; this line is used",
+                "keep one line per image", "warning")
+        mine[target] = number
+        return target, entry[0]
+
+
+def _dataset_root(path) -> Path:
+    text = str(path).strip().strip("\"'") if path is not None else ""
+    if not text:
+        raise DatasetError("no dataset folder given: name the folder that holds the training images")
+    root = Path(text).expanduser()
+    try:
+        is_dir = root.is_dir()
+        exists = is_dir or root.exists()
+    except OSError as exc:
+        raise DatasetError(f"cannot open dataset folder {root}: {exc.strerror or exc}: check the path") from None
+    if not exists:
+        raise DatasetError(f"dataset folder {text!r} does not exist (looked for {root.absolute()}): check the spelling, "
+                           "or give an absolute path")
+    if not is_dir:
+        raise DatasetError(f"{root} is a file, not a folder: give the folder that holds the images")
+    return root.resolve()

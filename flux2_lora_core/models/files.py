@@ -1,0 +1,173 @@
+"""Model files as found on disk: safetensors headers, what a file holds, and its tensors.
+
+Users point the trainer at whatever they keep in ComfyUI's models/ folders, so the first question
+about a file is what it is. Everything here answers from the safetensors header alone (names,
+shapes, dtypes: a few kilobytes even for a 64 GB file), which lets a wrong file fail in
+milliseconds with a message that says what it looks like, instead of after minutes of loading.
+Nothing is ever unpickled: .ckpt/.pt/.bin files can run code when loaded, so they are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ModelError
+
+_MAX_HEADER = 100 << 20  # real headers are well under 10 MB; a larger length means "not safetensors"
+# Containers a component can come wrapped in (whole checkpoints, ComfyUI's model-merging saves).
+TRANSFORMER_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+VAE_PREFIXES = ("first_stage_model.", "vae.")
+
+
+@dataclass(frozen=True)
+class TensorFile:
+    """A validated safetensors file: its tensors' shapes and dtypes, and the header metadata."""
+
+    path: Path
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, str]  # safetensors names: "BF16", "F8_E4M3", "U8", ...
+    metadata: dict[str, str]
+
+    def select(self, prefixes: tuple[str, ...]) -> tuple[str, dict[str, tuple[int, ...]]]:
+        """(prefix, shapes without it) for the first prefix that any key carries, else ("", all shapes)."""
+        for prefix in prefixes:
+            if any(key.startswith(prefix) for key in self.shapes):
+                return prefix, {k[len(prefix):]: s for k, s in self.shapes.items() if k.startswith(prefix)}
+        return "", dict(self.shapes)
+
+
+def _sniff(head: bytes) -> str:
+    """What a non-safetensors file probably is, from its first bytes."""
+    if head.startswith(b"PK\x03\x04"):
+        return "a PyTorch zip checkpoint (.pt/.pth/.ckpt, pickled)"
+    if head[:1] == b"\x80":
+        return "a pickle file (.pt/.bin/.ckpt)"
+    if head.startswith(b"GGUF"):
+        return "a GGUF file"
+    return "not a safetensors file"
+
+
+def read_header(path: str | Path, *, key: str) -> TensorFile:
+    """Validate `path` as a complete safetensors file and return its header; `key` is the setting that names it."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"{key}: {str(path)!r} does not exist")
+    if not path.is_file():
+        raise ModelError(f"{key}: {str(path)!r} is not a file")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        length = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+        raw = f.read(length) if 2 <= length <= min(_MAX_HEADER, size - 8) else b""
+    try:
+        header = json.loads(raw) if raw else None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        header = None
+    if not isinstance(header, dict):
+        raise ModelError(f"{path}: {_sniff(head)}; only .safetensors files are loaded (pickled checkpoints can run "
+                         f"code and are never opened). Use the model's .safetensors file for {key}.")
+    metadata = header.pop("__metadata__", None) or {}
+    try:
+        shapes = {name: tuple(int(n) for n in t["shape"]) for name, t in header.items()}
+        dtypes = {name: str(t["dtype"]) for name, t in header.items()}
+        data_end = max((int(t["data_offsets"][1]) for t in header.values()), default=0)
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise ModelError(f"{path}: damaged safetensors header ({exc!r}); download or copy the file again") from None
+    if 8 + length + data_end > size:
+        raise ModelError(f"{path}: truncated: its header describes {8 + length + data_end:,} bytes but the file has "
+                         f"{size:,}; the download or copy was cut short, fetch the file again")
+    return TensorFile(path, shapes, dtypes, {str(k): str(v) for k, v in metadata.items()})
+
+
+def is_pipeline(folder: Path) -> bool:
+    return (folder / "model_index.json").is_file()
+
+
+def component_folder(path: Path, component: str, key: str) -> tuple[Path, dict]:
+    """The component folder under `path` (a pipeline folder or the component itself) and its config."""
+    folder = path / component if is_pipeline(path) else path
+    if is_pipeline(path):
+        cls = json.loads((path / "model_index.json").read_text(encoding="utf-8")).get("_class_name", "?")
+        if not str(cls).startswith("Flux2"):
+            raise ModelError(f"{path}: a {cls} folder, not a FLUX.2 pipeline; set {key} to a FLUX.2 model")
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ModelError(f"{folder}: not a FLUX.2 {component} folder (no config.json); set {key} to a FLUX.2 "
+                         f"diffusers folder or a .safetensors file")
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickled = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        raise ModelError(f"{folder}: no .safetensors weights" + (f" (only pickled {', '.join(pickled)}, which are "
+                         f"never loaded: convert them to safetensors)" if pickled else ""))
+    for file in files:
+        read_header(file, key=key)  # fails fast on truncated shards, before a loader half-reads them
+    return folder, json.loads(config_file.read_text(encoding="utf-8"))
+
+
+def load_tensors(file: TensorFile, prefix: str = "") -> dict:
+    """The tensors under `prefix` (stripped), on the CPU."""
+    from safetensors import safe_open
+
+    with safe_open(str(file.path), framework="pt", device="cpu") as f:
+        return {key[len(prefix):]: f.get_tensor(key) for key in f.keys() if key.startswith(prefix)}
+
+
+# ---------------------------------------------------------------------------------------------- what a file is
+def count_blocks(shapes, prefix: str) -> int:
+    """How many numbered blocks `prefix.N.` the keys hold (highest N + 1)."""
+    found = {int(k[len(prefix):].split(".")[0]) for k in shapes
+             if k.startswith(prefix) and k[len(prefix):].split(".")[0].isdigit()}
+    return max(found) + 1 if found else 0
+
+
+def identify(shapes: dict[str, tuple[int, ...]]) -> tuple[str, str]:
+    """(kind, description) of a state dict from its key names and shapes.
+
+    kind is one of "flux2_transformer", "flux2_transformer_diffusers", "flux2_vae", "qwen3", "mistral" for
+    what FLUX.2 uses, else "other"; the description says in words what the tensors look like.
+    """
+    keys = set(shapes)
+
+    def has(*names):
+        return all(name in keys for name in names)
+
+    if any(".lora_" in k or "lora_down" in k or k.startswith("lora_") for k in keys):
+        return "other", "a LoRA (not a base model)"
+    if has("double_stream_modulation_img.lin.weight", "img_in.weight"):
+        return "flux2_transformer", "a FLUX.2 transformer (BFL/ComfyUI names)"
+    if has("double_stream_modulation_img.linear.weight", "x_embedder.weight"):
+        return "flux2_transformer_diffusers", "a FLUX.2 transformer (diffusers names)"
+    if has("double_blocks.0.img_mod.lin.weight"):
+        channels = shapes.get("img_in.weight", (0, 0))[1]
+        return "other", f"a FLUX.1 transformer (per-block modulation, {channels} input channels; FLUX.2 has 128)"
+    if has("transformer_blocks.0.norm1.linear.weight", "x_embedder.weight"):
+        return "other", "a FLUX.1 transformer (diffusers names)"
+    if any(k.startswith("joint_blocks.") for k in keys):
+        return "other", "a Stable Diffusion 3 transformer"
+    if has("input_blocks.0.0.weight"):
+        return "other", "an SDXL UNet" if has("label_emb.0.0.weight") else "a Stable Diffusion 1.x/2.x UNet"
+    if has("encoder.conv_in.weight", "decoder.conv_in.weight"):
+        latent = shapes["decoder.conv_in.weight"][1]
+        if has("bn.running_mean"):
+            return "flux2_vae", f"a FLUX.2 VAE ({latent} latent channels)"
+        family = {4: "SD 1.x/2.x/SDXL", 16: "FLUX.1/SD3"}.get(latent, "not FLUX.2")
+        return "other", f"a VAE with {latent} latent channels ({family}; FLUX.2's has 32 and a latent BatchNorm)"
+    if has("encoder.conv_in.weight") and any(k.startswith("encoder.down_blocks.") for k in keys):
+        return "other", "a VAE in diffusers names (point at its folder, which holds its config.json)"
+    if has("model.embed_tokens.weight") or any(k.startswith(("model.language_model.", "language_model.model."))
+                                              for k in keys):
+        hidden = next((s[1] for k, s in shapes.items() if k.endswith("embed_tokens.weight")), 0)
+        if any(k.endswith("self_attn.q_norm.weight") for k in keys):
+            return "qwen3", f"a Qwen3 text encoder (hidden size {hidden})"
+        if any(k.endswith("self_attn.q_proj.bias") for k in keys):
+            return "other", f"a Qwen2/Qwen2.5 text encoder (hidden size {hidden})"
+        return "mistral", f"a Mistral/Llama-style text encoder (hidden size {hidden})"
+    if any(k.startswith(("encoder.block.", "shared.")) for k in keys):
+        return "other", "a T5 text encoder (FLUX.1/SD3)"
+    if any(k.startswith(("text_model.", "transformer.text_model.")) for k in keys):
+        return "other", "a CLIP text encoder"
+    shown = ", ".join(repr(k) for k in sorted(keys)[:3])
+    return "other", f"an unrecognised model (keys such as {shown})" if keys else "an empty file"

@@ -1,0 +1,319 @@
+"""Loading FLUX.2 from the formats users actually keep: diffusers folders and ComfyUI/BFL single files.
+
+A [dev] user typically has three ComfyUI files (a bf16 or fp8 transformer, flux2-vae.safetensors and
+the Mistral text encoder) and no diffusers folder; downloading 100 GB again in another layout is not
+an option. So every component loads from either, always offline, into the same diffusers and
+transformers classes: a single file and its diffusers twin give identical weights and outputs.
+
+The VAE and text encoder are only needed to fill the latent cache; callers `release` them right
+after. Text encoders load as the bare language model (Qwen3Model / MistralModel): FLUX.2 reads
+hidden states only, and the [dev] LM head alone would cost 1.3 GB.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError, ModelError
+from .devices import align_cpu_tensors, with_oom_retry
+from .files import (
+    TRANSFORMER_PREFIXES,
+    VAE_PREFIXES,
+    component_folder,
+    identify,
+    is_pipeline,
+    load_tensors,
+    read_header,
+)
+from .quantization import dequantize, logical_shapes, to_fp8r
+from .single_file import text_encoder_to_comfyui, vae_to_diffusers
+from .sources import tokenizer_beside
+from .variants import (
+    FAMILIES,
+    SHIPPED,
+    TEXT_ENCODERS,
+    Variant,
+    detect_variant,
+    text_encoder_config_from_shapes,
+    vae_config_from_shapes,
+)
+
+
+log = logging.getLogger(__name__)
+
+_TEXT_FAMILY = {"qwen3": "klein", "mistral3": "dev", "mistral": "dev"}  # transformers model_type -> family
+_MISTRAL_HF_PREFIXES = ("model.language_model.", "language_model.model.")
+_NOT_WEIGHTS = ("tekken_model", "tokenizer_json", "spiece_model", "lm_head.weight", "model.lm_head.weight")
+_FINGERPRINT_SAMPLES = 256
+
+
+def _frozen(model: torch.nn.Module) -> torch.nn.Module:
+    align_cpu_tensors(model)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _cast(state: dict, dtype: torch.dtype, device: torch.device) -> dict:
+    return {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
+
+
+def _build(factory, state: dict, *, dtype, device, where: str) -> torch.nn.Module:
+    """Instantiate without allocating weights, then adopt `state`'s tensors (cast) as the parameters."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):  # buffers (RoPE frequencies, ...) are computed, keep them
+        model = factory()
+    missing, unexpected = model.load_state_dict(_cast(state, dtype, device), strict=False, assign=True)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise ModelError(f"{where}: weights do not fit the model built from their shapes (missing "
+                         f"{missing[:3]}, unexpected {unexpected[:3]}); the file is damaged or not a FLUX.2 part")
+    return model.to(device)
+
+
+# ---------------------------------------------------------------------------------------------- transformer
+def _check_requested(requested: str, detected: Variant) -> None:
+    requested = (requested or "auto").strip().lower()
+    if requested == "auto":
+        return
+    if requested not in (*SHIPPED, "custom", *FAMILIES):
+        raise ConfigError([("model.variant", f"unknown variant {requested!r}: choose auto, "
+                                             f"{', '.join(SHIPPED)}, dev or klein")])
+    if requested not in (detected.name, detected.family):
+        raise ModelError(f"{detected.source}: model.variant is {requested!r} but the weights are {detected.name} "
+                         f"([{detected.family}], {detected.transformer_config['num_layers']} double / "
+                         f"{detected.transformer_config['num_single_layers']} single blocks, joint_attention_dim "
+                         f"{detected.joint_attention_dim}); set model.variant to auto or {detected.name}")
+
+
+def _transformer_from_file(path: Path, requested: str, dtype, device):
+    from diffusers import BFLQuantizationConfig, Flux2Transformer2DModel
+
+    file = read_header(path, key="model.path")
+    prefix, shapes = file.select(TRANSFORMER_PREFIXES)
+    kind, description = identify(shapes)
+    if kind not in ("flux2_transformer", "flux2_transformer_diffusers"):
+        raise ModelError(f"{path}: this is {description}, not a FLUX.2 transformer; set model.path to a FLUX.2 "
+                         f"transformer (ComfyUI models/diffusion_models) or a FLUX.2 diffusers folder")
+    dtypes = {k[len(prefix):]: v for k, v in file.dtypes.items() if k.startswith(prefix)}
+    variant = detect_variant(logical_shapes(shapes, dtypes), source=str(path))
+    _check_requested(requested, variant)
+    state, scheme = to_fp8r(load_tensors(file, prefix), file.metadata, path=path, prefix=prefix)
+    quantization = BFLQuantizationConfig(compute_dtype=dtype) if scheme else None
+    with tempfile.TemporaryDirectory() as config_dir:  # from_single_file reads configs from folders only
+        config = {"_class_name": "Flux2Transformer2DModel", **variant.transformer_config}
+        Path(config_dir, "config.json").write_text(json.dumps(config), encoding="utf-8")
+        model = Flux2Transformer2DModel.from_single_file(state, config=config_dir, local_files_only=True,
+                                                         torch_dtype=dtype, device=device,
+                                                         quantization_config=quantization)
+    return model, variant
+
+
+def load_transformer(path, *, variant: str = "auto", dtype: torch.dtype, device: torch.device):
+    """(Flux2Transformer2DModel, Variant) from a diffusers folder or a BFL/ComfyUI single file (bf16, BFL
+    fp8r/nvfp4, ComfyUI scaled or mixed fp8), frozen, in eval mode."""
+    from diffusers import Flux2Transformer2DModel
+
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"model.path: {str(path)!r} does not exist")
+
+    def load():
+        if path.is_file():
+            return _transformer_from_file(path, variant, dtype, device)
+        folder, config = component_folder(path, "transformer", "model.path")
+        if config.get("_class_name") != "Flux2Transformer2DModel":
+            raise ModelError(f"{folder}: holds a {config.get('_class_name')}, not a Flux2Transformer2DModel")
+        detected = detect_variant(config, source=str(folder))
+        _check_requested(variant, detected)
+        model = Flux2Transformer2DModel.from_pretrained(folder, torch_dtype=dtype, local_files_only=True,
+                                                        use_safetensors=True)
+        return model.to(device), detected
+
+    model, detected = with_oom_retry(load, what="the transformer", path=path)
+    log.info("loaded transformer %s (%s) from %s", detected.name, dtype, path)
+    return _frozen(model), detected
+
+
+def probe_variant(path, variant: str = "auto") -> Variant:
+    """The transformer's Variant from its config.json or safetensors header alone, without loading weights:
+    the latent cache needs the family (which text encoder, which prompt layout) before it loads anything."""
+    path = Path(path)
+    if path.is_file():
+        file = read_header(path, key="model.path")
+        prefix, shapes = file.select(TRANSFORMER_PREFIXES)
+        dtypes = {k[len(prefix):]: v for k, v in file.dtypes.items() if k.startswith(prefix)}
+        detected = detect_variant(logical_shapes(shapes, dtypes), source=str(path))
+    else:
+        folder, config = component_folder(path, "transformer", "model.path")
+        detected = detect_variant(config, source=str(folder))
+    _check_requested(variant, detected)
+    return detected
+
+
+# ---------------------------------------------------------------------------------------------- VAE
+def load_vae(path, *, dtype: torch.dtype, device: torch.device):
+    """AutoencoderKLFlux2 from a diffusers folder or a BFL/ComfyUI (LDM-named) single file, frozen."""
+    from diffusers import AutoencoderKLFlux2
+
+    path = Path(path)
+
+    def load():
+        if not path.is_dir():
+            file = read_header(path, key="model.vae")
+            prefix, shapes = file.select(VAE_PREFIXES)
+            kind, description = identify(shapes)
+            if kind != "flux2_vae":
+                raise ModelError(f"{path}: this is {description}, not a FLUX.2 VAE; set model.vae to "
+                                 f"flux2-vae.safetensors (ComfyUI models/vae) or a FLUX.2 vae/ folder")
+            config = vae_config_from_shapes(shapes)
+            state = dequantize(load_tensors(file, prefix), file.metadata, dtype=dtype, path=path, prefix=prefix)
+            state = vae_to_diffusers(state)
+            return _build(lambda: AutoencoderKLFlux2.from_config(config), state, dtype=dtype, device=device,
+                          where=str(path))
+        folder, config = component_folder(path, "vae", "model.vae")
+        if config.get("_class_name") != "AutoencoderKLFlux2":
+            raise ModelError(f"{folder}: holds a {config.get('_class_name')}, not the FLUX.2 VAE (AutoencoderKLFlux2)")
+        return AutoencoderKLFlux2.from_pretrained(folder, torch_dtype=dtype, local_files_only=True,
+                                                  use_safetensors=True).to(device)
+
+    vae = with_oom_retry(load, what="the VAE", path=path)
+    log.info("loaded VAE (%s) from %s", dtype, path)
+    return _frozen(vae)
+
+
+# ---------------------------------------------------------------------------------------------- text encoder
+def _language_model_state(state: dict, family: str, where) -> dict:
+    """HF (Qwen3ForCausalLM / Mistral3ForConditionalGeneration) or ComfyUI weights -> bare language model."""
+    state = {k: v for k, v in state.items() if k not in _NOT_WEIGHTS}
+    if any(k.startswith(_MISTRAL_HF_PREFIXES) for k in state) or family == "klein":
+        state = text_encoder_to_comfyui(state, family)  # drops the LM head and the vision tower
+    foreign = [k for k in state if not k.startswith("model.")]
+    if foreign:
+        raise ModelError(f"{where}: unexpected tensors for a {TEXT_ENCODERS[family]} language model: {foreign[:3]}")
+    return {k[len("model."):]: v for k, v in state.items()}
+
+
+def _text_family(model_type: str, family: str, where) -> None:
+    found = _TEXT_FAMILY.get(model_type)
+    if found != family:
+        what = f"a {model_type} text encoder" + (f" (FLUX.2 [{found}])" if found else "")
+        raise ModelError(f"{where}: this is {what}, but FLUX.2 [{family}] needs {TEXT_ENCODERS[family]}; set "
+                         f"model.text_encoder to the [{family}] text encoder")
+
+
+def _text_encoder_weights(path: Path, family: str, dtype: torch.dtype):
+    """(config, language-model state) from a single file or a transformers folder."""
+    from transformers import AutoConfig
+
+    if not path.is_dir():
+        file = read_header(path, key="model.text_encoder")
+        kind, description = identify(file.shapes)
+        if kind not in ("qwen3", "mistral"):
+            raise ModelError(f"{path}: this is {description}, not a FLUX.2 text encoder; set model.text_encoder to "
+                             f"the {TEXT_ENCODERS[family]} file (ComfyUI models/text_encoders) or folder")
+        _text_family(kind, family, path)
+        state = {k: v for k, v in load_tensors(file).items() if k not in _NOT_WEIGHTS}
+        state = _language_model_state(dequantize(state, file.metadata, dtype=dtype, path=path), family, path)
+        return text_encoder_config_from_shapes({f"model.{k}": tuple(v.shape) for k, v in state.items()}, family), state
+    folder = path / "text_encoder" if is_pipeline(path) else path
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"{folder}: not a text encoder folder (no config.json); set model.text_encoder to the "
+                         f"{TEXT_ENCODERS[family]} file or folder")
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    _text_family(config.model_type, family, folder)
+    state = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        header = read_header(file, key="model.text_encoder")
+        state.update(dequantize(load_tensors(header), header.metadata, dtype=dtype, path=file))
+    if not state:
+        raise ModelError(f"{folder}: no .safetensors weights (pickled .bin files are never loaded)")
+    return config.get_text_config(), _language_model_state(state, family, folder)
+
+
+def _load_tokenizer(tokenizer, path: Path):
+    from transformers import AutoTokenizer
+
+    if tokenizer is None or not str(tokenizer):
+        tokenizer = tokenizer_beside(path / "text_encoder" if is_pipeline(path) else path)
+        if tokenizer is None:
+            raise ModelError(f"{path}: no tokenizer beside the text encoder; set model.tokenizer to the tokenizer "
+                             f"folder (tokenizer.json / tokenizer_config.json) of this text encoder")
+    folder = Path(tokenizer)
+    folder = folder.parent if folder.is_file() else folder
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ModelError(f"{folder}: not a tokenizer folder ({str(exc).splitlines()[0][:200]}); set model.tokenizer "
+                         f"to a folder holding tokenizer.json / tokenizer_config.json") from None
+
+
+def load_text_encoder(path, *, family: str, tokenizer=None, dtype: torch.dtype, device: torch.device):
+    """(language model, tokenizer) for FLUX.2 [klein] (Qwen3) or [dev] (Mistral Small 3.x), frozen.
+
+    The model is the bare Qwen3Model / MistralModel: `model(input_ids=..., attention_mask=...,
+    output_hidden_states=True).hidden_states` equals the pipeline text encoder's.
+    """
+    from transformers import MistralModel, Qwen3Model
+
+    if family not in FAMILIES:
+        raise ConfigError([("model.variant", f"unknown FLUX.2 family {family!r}: expected dev or klein")])
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"model.text_encoder: {str(path)!r} does not exist")
+
+    def load():
+        config, state = _text_encoder_weights(path, family, dtype)
+        cls = Qwen3Model if family == "klein" else MistralModel
+        model = _build(lambda: cls(config), state, dtype=dtype, device=device, where=str(path))
+        model.config._name_or_path = str(path)  # named in check_compatible's messages
+        return model
+
+    model = with_oom_retry(load, what="the text encoder", path=path)
+    tok = _load_tokenizer(tokenizer, path)
+    if len(tok) > model.config.vocab_size:
+        raise ModelError(f"{path}: the tokenizer has {len(tok)} tokens but the text encoder embeds only "
+                         f"{model.config.vocab_size}; set model.tokenizer to this text encoder's tokenizer")
+    log.info("loaded %s text encoder (%s) from %s", TEXT_ENCODERS[family], dtype, path)
+    return _frozen(model), tok
+
+
+def check_compatible(variant: Variant, text_encoder) -> None:
+    """Raise ModelError unless `text_encoder` produces the embeddings `variant`'s transformer reads."""
+    config = text_encoder.config.get_text_config() if hasattr(text_encoder.config, "get_text_config") \
+        else text_encoder.config
+    source = getattr(text_encoder.config, "_name_or_path", "") or "the text encoder"
+    found = _TEXT_FAMILY.get(config.model_type)
+    if 3 * config.hidden_size != variant.joint_attention_dim or found != variant.family:
+        raise ModelError(f"{source}: a {config.model_type} text encoder with hidden size {config.hidden_size} "
+                         f"(3 x {config.hidden_size} = {3 * config.hidden_size}), but the transformer "
+                         f"{variant.source or variant.name} reads joint_attention_dim {variant.joint_attention_dim}: "
+                         f"it needs {variant.text_encoder}; set model.text_encoder accordingly")
+
+
+# ---------------------------------------------------------------------------------------------- identity
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """SHA-256 over every tensor's name, shape, dtype and up to 256 evenly spaced values.
+
+    Cheap enough for each run (a few thousand values from a 64 GB model), and keys the latent cache:
+    another model, or the same one in another dtype, never reuses stale entries, while a single file and
+    its diffusers twin (same weights, same names once loaded) share them.
+    """
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, tensor in sorted(module.state_dict().items()):
+            digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}\n".encode())
+            if tensor.device.type == "meta" or not tensor.numel():
+                continue
+            flat = tensor.detach().reshape(-1)
+            picks = flat[:: max(1, flat.numel() // _FINGERPRINT_SAMPLES)][:_FINGERPRINT_SAMPLES].to("cpu")
+            digest.update(picks.contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+

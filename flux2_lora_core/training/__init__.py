@@ -1,0 +1,10 @@
+"""Training: the recipe (trainer: setup, train loop, save) over the flow-matching math, peft LoRA, samples, metrics,
+the learning-rate range test and the state a checkpoint captures. Above cache/, checkpoints/ and lora_files/."""
+
+from ..exports import lazy_exports
+
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "lr_finder": ("run_range_test",),
+    "metrics": ("read_metrics",),
+    "trainer": ("Callbacks", "StepReport", "TrainingResult", "new_run_dir", "train"),
+})

@@ -1,0 +1,104 @@
+"""Which layers of a FLUX.2 transformer get a LoRA, and adding it through peft.
+
+Targets are resolved to full module names by walking the model, so the block counts and widths always
+come from the loaded model's config (dev has 8 + 48 blocks, klein-4B 5 + 20, the tiny test models
+2 + 2); nothing here knows a number of blocks. Full names also avoid peft's suffix matching, under
+which a bare "to_out" hits the double blocks' `to_out` ModuleList and fails.
+
+Presets:
+- `attention`: every attention projection of the double blocks (image and text streams), and the
+  single blocks' two layers, which carry their attention (to_qkv_mlp_proj is qkv fused with the MLP
+  input, to_out the attention output fused with the MLP output).
+- `attention_mlp` (default): the above plus the double blocks' feed-forwards, image and text.
+Layers the exporters cannot write in a form ComfyUI loads (the shared modulation layers, the time and
+guidance embedders, norm_out) are refused with an error rather than silently dropped from the file.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import torch
+
+from ..errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+_DOUBLE_ATTENTION = r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+_DOUBLE_MLP = r"transformer_blocks\.\d+\.(ff|ff_context)\.linear_(in|out)"
+_SINGLE = r"single_transformer_blocks\.\d+\.attn\.(to_qkv_mlp_proj|to_out)"
+PRESETS = {
+    "attention": re.compile(rf"{_DOUBLE_ATTENTION}|{_SINGLE}"),
+    "attention_mlp": re.compile(rf"{_DOUBLE_ATTENTION}|{_DOUBLE_MLP}|{_SINGLE}"),
+}
+# Layers a LoRA file cannot carry into ComfyUI (see FLUX2_FACTS.md, "LoRA targets").
+_UNEXPORTABLE = re.compile(r"(.*\.)?(norm_out\..*|.*modulation.*|time_guidance_embed\..*)")
+
+
+def _linear_names(model: torch.nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+
+
+def resolve_targets(model: torch.nn.Module, targets: str) -> list[str]:
+    """Full names of the Linear layers `targets` selects (a preset, 'name,name' suffixes or 'regex:...')."""
+    spec = targets.strip()
+    linears = _linear_names(model)
+    if spec in PRESETS:
+        chosen = [n for n in linears if PRESETS[spec].fullmatch(n)]
+    elif spec.startswith("regex:"):
+        try:
+            pattern = re.compile(spec[len("regex:"):])
+        except re.error as exc:
+            raise ConfigError([("lora.targets", f"{spec!r} is not a valid regular expression: {exc}")]) from None
+        chosen = [n for n in linears if pattern.fullmatch(n)]
+    else:
+        wanted = [w.strip() for w in spec.split(",") if w.strip()]
+        chosen = [n for n in linears if any(n == w or n.endswith("." + w) for w in wanted)]
+        unmatched = [w for w in wanted if not any(n == w or n.endswith("." + w) for n in linears)]
+        if unmatched:
+            raise ConfigError([("lora.targets", f"{', '.join(map(repr, unmatched))} match no Linear layer of the "
+                                                f"transformer: use attention, attention_mlp, full names such as "
+                                                f"'attn.to_q' or 'regex:<pattern>'")])
+    if not chosen:
+        raise ConfigError([("lora.targets", f"{spec!r} selects no Linear layer of the transformer: use "
+                                            f"{' or '.join(PRESETS)}, module names or 'regex:<pattern>'")])
+    refused = [n for n in chosen if _UNEXPORTABLE.fullmatch(n)]
+    if refused:
+        raise ConfigError([("lora.targets", f"{spec!r} selects {refused[0]!r}"
+                                            f"{f' and {len(refused) - 1} more' if len(refused) > 1 else ''}: "
+                                            "modulation, embedder and norm_out layers cannot be exported for ComfyUI; "
+                                            "target attention and MLP layers")])
+    return chosen
+
+
+def add_lora(transformer: torch.nn.Module, *, rank: int, alpha: float, dropout: float, targets: str,
+             seed: int, adapter_name: str = "default") -> list[str]:
+    """Add a trainable LoRA (float32 weights over a frozen base of any dtype); returns the targeted names.
+
+    LoRA A is initialised from `seed` (peft's Kaiming init, B = 0), so a fixed seed gives the same run
+    whatever was drawn from the global generator before.
+    """
+    from peft import LoraConfig
+    from peft.tuners.lora import LoraLayer
+
+    names = resolve_targets(transformer, targets)
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=names,
+                        init_lora_weights=True)
+    transformer.add_adapter(config, adapter_name=adapter_name)
+    for parameter in trainable_parameters(transformer):
+        parameter.data = parameter.data.float()  # optimizer state and updates in fp32 over a bf16 or fp8 base
+    # Initialised again now that the weights are fp32: peft draws them in the base layer's dtype, which for an
+    # fp8 base leaves A with a handful of distinct values. Seeded here, so the init is the run's own.
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+        torch.manual_seed(seed)
+        for module in transformer.modules():
+            if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
+                module.reset_lora_parameters(adapter_name, True)
+    log.info("LoRA rank %d, alpha %g on %d layers (%s), %.2fM trainable parameters", rank, alpha, len(names),
+             targets, sum(p.numel() for p in trainable_parameters(transformer)) / 1e6)
+    return names
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]

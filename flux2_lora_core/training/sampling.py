@@ -1,0 +1,75 @@
+"""Sample images during training: the LoRA as it is now, through diffusers' own FLUX.2 pipelines.
+
+The prompts arrive as embeddings (from the latent cache, or encoded once at setup), so no text encoder
+stays loaded; the VAE is borrowed only for the decode and released by its owner afterwards. The
+pipelines are built around the live transformer (LoRA applied), which is in eval mode only while
+sampling. [klein] base models sample with classifier-free guidance against the empty caption; [dev]
+takes guidance as an embedding.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from ..cache import decoder_latents
+from ..models import free_memory, shipped_config
+
+log = logging.getLogger(__name__)
+
+_SCHEDULER_CONFIG = {"klein": "flux2-klein-4b", "dev": "flux2-dev"}
+
+
+def build_pipeline(transformer, vae, family: str):
+    """A diffusers FLUX.2 pipeline without text encoder or tokenizer: prompts come as embeddings."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Pipeline
+
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(shipped_config(_SCHEDULER_CONFIG[family], "scheduler"))
+    if family == "klein":
+        return Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None,
+                                  transformer=transformer, is_distilled=False)
+    return Flux2Pipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, transformer=transformer)
+
+
+@torch.no_grad()
+def generate(transformer, vae, family: str, prompt_embeds: list[torch.Tensor], negative: torch.Tensor, *,
+             size: int, steps: int, guidance: float, seed: int, dtype: torch.dtype):
+    """One PIL image per prompt embedding (L, D), each from the same seed so they compare across steps."""
+    device = next(p.device for p in transformer.parameters())
+    pipe = build_pipeline(transformer, vae, family)
+    was_training = transformer.training
+    transformer.eval()
+    images = []
+    try:
+        for embedding in prompt_embeds:
+            kwargs = dict(prompt_embeds=embedding[None].to(device, dtype), height=size, width=size,
+                          num_inference_steps=steps, guidance_scale=guidance,
+                          generator=torch.Generator("cpu").manual_seed(seed), output_type="latent")
+            if family == "klein":
+                kwargs["negative_prompt_embeds"] = negative[None].to(device, dtype)
+            pipe.set_progress_bar_config(disable=True)
+            latents = pipe(**kwargs).images  # [klein]: (1, 32, H/8, W/8); [dev]: the packed (1, h*w, 128) tokens
+            if latents.ndim == 3:
+                latents = decoder_latents(vae, latents, size // 16, size // 16)
+            # Decoded here, in the VAE's own dtype: it may differ from the transformer's (an fp32 VAE beside bf16).
+            vae_param = next(vae.parameters())
+            pixels = vae.decode(latents.to(vae_param.device, vae_param.dtype), return_dict=False)[0]
+            images += pipe.image_processor.postprocess(pixels, output_type="pil")
+    finally:
+        transformer.train(was_training)
+        del pipe
+        free_memory()
+    return images
+
+
+def save_samples(images, folder: Path, step: int) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, image in enumerate(images):
+        path = folder / f"step_{step:06d}_{i}.png"
+        image.save(path)
+        paths.append(path)
+    log.info("samples at step %d: %s", step, ", ".join(p.name for p in paths))
+    return paths

@@ -1,0 +1,480 @@
+"""Train a FLUX.2 LoRA: the recipe (setup -> train -> save -> cleanup) over small components.
+
+Everything heavy happens once in `setup`: the latent cache is brought up to date (the encoders load
+only if something changed and are released before the transformer loads), the transformer gets its
+LoRA, the optimizer and schedule are built. `train_loop` is then only the FLUX.2 flow-matching step
+(flow_matching.py) repeated, with gradient accumulation, clipping, mixed precision and logging.
+
+Callers follow a run through `Callbacks` (on_step, should_stop, on_sample): the CLI maps it to a
+progress bar and Ctrl+C, the ComfyUI node to its progress bar and Cancel button. A fixed
+`train.seed` gives the same run twice: the LoRA init, the data order, flips, caption dropout, noise
+and timesteps all come from generators seeded from it (noise is drawn on the CPU, so the stream does
+not depend on the device).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+import time
+from collections import deque
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..config import Config
+from ..data import BatchStream, resolution_at
+from ..errors import ConfigError, Flux2LoraError, TrainingDiverged
+from ..models import choose_device, choose_dtype, free_memory, peak_memory_mb, release
+from ..preflight import check_training_config
+from .flow_matching import PositionIds, sample_sigmas, shift_sigmas, training_loss
+from .lora import add_lora, trainable_parameters
+from .metrics import MetricsLog, plot_training_curves
+from .state import save_checkpoint
+
+log = logging.getLogger(__name__)
+
+LOSS_HISTORY = 10_000         # per-step losses kept in memory for the result (metrics.jsonl has them all)
+# fp16 loss scaling: LoRA runs are 1-3k steps and start with lora_B = 0 (tiny gradients). torch's default
+# growth interval (2000) would leave the scale where an early overflow backed it off for the whole run.
+GRAD_SCALER_GROWTH_INTERVAL = 200
+
+
+# ---------------------------------------------------------------------------------------------- callbacks
+@dataclass
+class StepReport:
+    step: int                   # optimizer steps done
+    total: int
+    loss: float | None          # latest logged loss (losses are read from the device on logging steps)
+    lr: float
+    steps_per_second: float
+    eta_seconds: float
+
+
+class Callbacks:
+    """Override what you need; every method is optional. Called on the training thread."""
+
+    def on_step(self, report: StepReport) -> None:
+        pass
+
+    def should_stop(self) -> bool:
+        return False
+
+    def on_sample(self, step: int, paths: list[Path]) -> None:
+        pass
+
+    def on_progress(self, phase: str, done: int, total: int) -> None:
+        """Setup work (latent caching) as it completes."""
+
+
+@dataclass
+class TrainingResult:
+    run_dir: Path
+    lora_path: Path | None      # None when stopped before the first step
+    steps: int                  # optimizer steps completed
+    stopped_early: bool
+    losses: list[float]         # per optimizer step of this call (mean of its micro-batches), the last LOSS_HISTORY
+    samples: list[Path] = field(default_factory=list)
+    curves: Path | None = None
+
+
+# ---------------------------------------------------------------------------------------------- checks
+def new_run_dir(config: Config) -> Path:
+    """output.dir/output.name, or name-2, name-3... when that already holds a run: never overwrite one."""
+    parent, name = Path(config.output.dir), config.output.name
+    candidate, n = parent / name, 1
+    while candidate.exists() and any(candidate.iterdir()):
+        n += 1
+        candidate = parent / f"{name}-{n}"
+    if n > 1:
+        log.warning("%s already holds a run: this one goes to %s", parent / name, candidate)
+    candidate.mkdir(parents=True, exist_ok=True)
+    return candidate
+
+
+# ---------------------------------------------------------------------------------------------- setup
+def _optimizer(params, t) -> torch.optim.Optimizer:
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, momentum=0.9, weight_decay=t.weight_decay)
+    if t.optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=t.lr, weight_decay=t.weight_decay)
+    device = params[0].device
+    fused = device.type in ("cuda", "cpu", "mps", "xpu")  # fused AdamW: one kernel for all parameters
+    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=fused)
+
+
+def _autocast(device: torch.device, base_dtype: torch.dtype, mode: str):
+    """(autocast dtype or None, GradScaler or None) for train.mixed_precision. "auto": bf16 where the device
+    has it (CUDA with bf16, or weights already bf16), fp16 over fp16 weights, else off (fp32 on the CPU)."""
+    if mode == "auto":
+        bf16 = base_dtype == torch.bfloat16 or (device.type == "cuda" and torch.cuda.is_bf16_supported())
+        mode = "bf16" if bf16 and base_dtype != torch.float16 else "fp16" if base_dtype == torch.float16 else "no"
+    if mode == "no":
+        return None, None
+    dtype = torch.bfloat16 if mode == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler(device.type, growth_interval=GRAD_SCALER_GROWTH_INTERVAL) if mode == "fp16" else None
+    return dtype, scaler
+
+
+@dataclass
+class Session:
+    """What one run holds between the recipe's phases."""
+
+    config: Config
+    run_dir: Path
+    cache: object
+    encoders: object
+    transformer: torch.nn.Module
+    variant: object
+    targets: list[str]
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: object
+    autocast_dtype: torch.dtype | None
+    device: torch.device
+    dtype: torch.dtype
+    streams: dict
+    generator: torch.Generator
+    ids: PositionIds
+    metrics: MetricsLog
+    sample_prompts: list[str]
+    sample_embeds: list[torch.Tensor]
+    base_fingerprint: str
+    step: int = 0
+    start_step: int = 0
+    losses: deque = field(default_factory=lambda: deque(maxlen=LOSS_HISTORY))   # bounded (audit 2.1)
+    samples: list[Path] = field(default_factory=list)
+
+
+def _sample_prompts(config: Config, cache) -> tuple[list[str], list[torch.Tensor]]:
+    """(prompts, embeddings): the configured prompts (encoded by the cache build), else the first captions."""
+    if config.sample.prompts:
+        return list(config.sample.prompts), [cache.prompt(p) for p in config.sample.prompts]
+    chosen = range(min(2, len(cache)))
+    return [cache.items[i].path for i in chosen], [cache.text(i) for i in chosen]
+
+
+def setup(config: Config, callbacks: Callbacks, encoders=None, transformer=None, *, resume=None) -> Session:
+    """Cache, model, LoRA, optimizer: everything before the first step. `encoders`/`transformer` may be
+    given already loaded (tests, the demo, a ComfyUI graph); otherwise they load from config.model.
+    `resume` = (run_dir, tensors, documents) of a verified checkpoint continues that run in run_dir."""
+    from ..cache import cache_for_config, source_fingerprint
+    from ..models import load_transformer, resolve_sources, weights_fingerprint
+
+    check_training_config(config)
+    t, given = config.train, transformer is not None
+    cache, encoders = cache_for_config(config, encoders=encoders, progress=callbacks.on_progress,
+                                       prompts=config.sample.prompts)
+    prompts, embeds = _sample_prompts(config, cache)
+    if t.batch_size > 1:
+        lengths = {i: cache.text_length(i) for i in range(len(cache))}
+        common = cache.text_length(None)
+        longer = sorted(cache.items[i].path for i, n in lengths.items() if n != common)
+        if longer:
+            raise ConfigError([("train.batch_size", f"{len(longer)} captions encode to more than {common} tokens "
+                                                    f"(e.g. {longer[0]}), and a batch needs equal lengths: shorten "
+                                                    "them or use train.batch_size=1")])
+
+    device = choose_device(config.model.device)
+    dtype = choose_dtype(config.model.dtype, device)
+    if transformer is None:
+        transformer, variant = load_transformer(config.model.path, variant=config.model.variant, dtype=dtype,
+                                                device=device)
+        m = config.model
+        sources = resolve_sources(m.path, vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer)
+        base_fingerprint = source_fingerprint(sources.transformer)
+    else:
+        from ..models import detect_variant
+
+        variant = detect_variant(dict(transformer.config))
+        dtype, device = transformer.dtype, transformer.device
+        base_fingerprint = weights_fingerprint(transformer)
+    if variant.family != cache.family:
+        raise ConfigError([("model.path", f"the transformer is FLUX.2 [{variant.family}] but the latent cache was "
+                                          f"encoded for [{cache.family}]: use matching files")])
+    torch.manual_seed(t.seed)  # LoRA dropout draws from torch's global generator (forked by train())
+    if getattr(transformer, "peft_config", None):
+        raise ConfigError([("model.path", "the transformer given already has a LoRA adapter "
+                                          f"({', '.join(transformer.peft_config)}): pass the base model")])
+    targets = add_lora(transformer, rank=config.lora.rank, alpha=config.lora.alpha, dropout=config.lora.dropout,
+                       targets=config.lora.targets, seed=t.seed)
+    try:
+        return _finish_setup(config, callbacks, cache, encoders, transformer, variant, targets, dtype, device,
+                             base_fingerprint, prompts, embeds, resume)
+    except BaseException:
+        hand_back(transformer) if given else release(transformer)
+        raise
+
+
+def _finish_setup(config, callbacks, cache, encoders, transformer, variant, targets, dtype, device,
+                  base_fingerprint, prompts, embeds, resume) -> Session:
+    from diffusers.optimization import get_scheduler
+
+    data, t = config.data, config.train
+    if t.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    if t.compile:
+        for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
+            block.compile()
+    transformer.train()
+    params = trainable_parameters(transformer)
+    optimizer = _optimizer(params, t)
+    scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps,
+                              num_training_steps=t.steps)
+    autocast_dtype, scaler = _autocast(device, dtype, t.mixed_precision)
+    run_dir = resume[0] if resume else new_run_dir(config)
+    streams = {r: BatchStream(cache, r, t.batch_size, t.seed) for r in data.resolution}
+    session = Session(config, run_dir, cache, encoders, transformer, variant, targets, optimizer, scheduler, scaler,
+                      autocast_dtype, device, dtype, streams, torch.Generator("cpu").manual_seed(t.seed),
+                      PositionIds(), MetricsLog(None), prompts, embeds, base_fingerprint)
+    if resume:
+        from .state import restore
+
+        restore(session, resume[1], resume[2])   # first: a checkpoint that cannot be used changes no file
+    # On resume, the records after the checkpoint (of the steps being redone) are dropped from the file.
+    session.metrics = MetricsLog(run_dir / "metrics.jsonl", truncate_after=session.step if resume else None)
+    if resume:
+        session.metrics.restore_history(resume[2].get("metrics", {}))
+    session.start_step = session.step
+    _write_run_json(session)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)   # memory_mb: training's peak, not the encoders' before it
+    return session
+
+
+def _write_run_json(s: Session) -> None:
+    import diffusers
+    import peft
+    import transformers
+
+    record = {"config": s.config.to_dict(), "variant": s.variant.name, "family": s.variant.family,
+              "base_model_fingerprint": s.base_fingerprint, "dataset_fingerprint": s.cache.fingerprint,
+              "cache": str(s.cache.root), "lora_targets": s.targets, "images": len(s.cache),
+              "device": str(s.device), "dtype": str(s.dtype).removeprefix("torch."),
+              "versions": {"flux2_lora": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+                           "transformers": transformers.__version__, "peft": peft.__version__,
+                           "python": platform.python_version()}}
+    (s.run_dir / "run.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------- the step
+def micro_batch(s: Session, indices: list[int], resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(latents (B, 128, h, w), prompt embeddings (B, L, D)) with flips and caption dropout drawn from the run's
+    generator."""
+    draws = torch.rand(2, len(indices), generator=s.generator)
+    flips = draws[0] < 0.5 if s.config.data.flip else torch.zeros(len(indices), dtype=torch.bool)
+    dropped = draws[1] < s.config.train.caption_dropout
+    latents = torch.stack([s.cache.latent(i, resolution, flipped=bool(f)) for i, f in zip(indices, flips)])
+    texts = [s.cache.text(None if d else i) for i, d in zip(indices, dropped)]   # equal lengths: checked in setup
+    return latents.to(s.device, s.dtype), torch.stack(texts).to(s.device, s.dtype)
+
+
+def micro_step(s: Session, indices: list[int], resolution: int, scale: float) -> torch.Tensor:
+    """Forward and backward of one micro-batch; returns its loss (a detached device scalar)."""
+    t = s.config.train
+    x0, text = micro_batch(s, indices, resolution)                       # (B, 128, h, w), (B, L, D)
+    batch, _, h, w = x0.shape
+    noise = torch.randn(x0.shape, generator=s.generator).to(s.device, s.dtype)
+    sigmas = sample_sigmas(batch, method=t.timestep_sampling, generator=s.generator, logit_mean=t.logit_mean,
+                           logit_std=t.logit_std)                       # (B,)
+    if t.timestep_shift != "none":
+        sigmas = shift_sigmas(sigmas, h * w, mu_schedule=t.timestep_shift)
+    img_ids, txt_ids = s.ids.get(h, w, text.shape[1], s.device)
+    guidance = t.guidance if s.variant.guidance_embeds else None
+    autocast = (torch.autocast(s.device.type, dtype=s.autocast_dtype) if s.autocast_dtype else nullcontext())
+    with autocast:
+        loss = training_loss(s.transformer, x0, text, noise=noise, sigmas=sigmas.to(s.device), img_ids=img_ids,
+                             txt_ids=txt_ids, guidance=guidance, weighting=t.loss_weighting)
+    scaled = loss * scale
+    (s.scaler.scale(scaled) if s.scaler else scaled).backward()
+    return loss.detach()
+
+
+def optimizer_step(s: Session, want_norm: bool) -> torch.Tensor | None:
+    """Unscale, clip, step; the gradient norm only when clipping needs it anyway or it will be logged."""
+    t, params = s.config.train, trainable_parameters(s.transformer)
+    if s.scaler:
+        s.scaler.unscale_(s.optimizer)
+    norm = None
+    if t.max_grad_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+    elif want_norm:
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params
+                                                     if p.grad is not None]))
+    if s.scaler:
+        scale = s.scaler.get_scale()
+        s.scaler.step(s.optimizer)
+        s.scaler.update()
+        skipped = s.scaler.get_scale() < scale   # inf/NaN gradients: no update happened, so no schedule step
+    else:
+        s.optimizer.step()
+        skipped = False
+    if not skipped:
+        s.scheduler.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    return norm.detach() if norm is not None and want_norm else None
+
+
+def _profiler(s: Session):
+    if not s.config.train.profile_steps:
+        return None
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if s.device.type == "cuda" else [])
+    trace = s.run_dir / "profile_trace.json"
+    return profile(activities=activities, record_shapes=True, profile_memory=True,
+                   schedule=schedule(wait=0, warmup=2, active=s.config.train.profile_steps, repeat=1),
+                   on_trace_ready=lambda p: (p.export_chrome_trace(str(trace)),
+                                             log.info("profiler trace of %d steps: %s (open in "
+                                                      "https://ui.perfetto.dev)", s.config.train.profile_steps,
+                                                      trace)))
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+def sample(s: Session, callbacks: Callbacks) -> None:
+    from .sampling import generate, save_samples
+
+    c = s.config.sample
+    size = c.resolution or s.config.data.resolution[-1]
+    with s.encoders.vae() as vae:
+        images = generate(s.transformer, vae, s.variant.family, s.sample_embeds, s.cache.text(None), size=size,
+                          steps=c.steps, guidance=c.guidance, seed=c.seed, dtype=s.dtype)
+    paths = save_samples(images, s.run_dir / "samples", s.step)
+    s.samples += paths
+    callbacks.on_sample(s.step, paths)
+
+
+def train_loop(s: Session, callbacks: Callbacks) -> bool:
+    """Run to train.steps; returns True when a stop request ended it early."""
+    t, accumulation = s.config.train, s.config.train.gradient_accumulation
+    if s.config.sample.at_start and s.step == 0:
+        sample(s, callbacks)
+    pending: list[tuple[int, torch.Tensor, float, float]] = []      # (step, loss, lr, seconds): read at log steps
+    started, first_step, last_loss = time.perf_counter(), s.step, None
+    profiler = _profiler(s)
+    if profiler:
+        profiler.start()
+    try:
+        while s.step < t.steps:
+            if callbacks.should_stop():
+                return True
+            tick = time.perf_counter()
+            resolution = resolution_at(s.step, s.config.data.resolution, t.steps)
+            lr = s.scheduler.get_last_lr()[0]
+            step_loss = sum(micro_step(s, s.streams[resolution].next(), resolution, 1 / accumulation)
+                            for _ in range(accumulation)) / accumulation
+            s.step += 1
+            log_now = s.step % t.log_every == 0 or s.step == t.steps
+            norm = optimizer_step(s, want_norm=log_now)
+            if profiler:
+                profiler.step()
+            pending.append((s.step, step_loss, lr, time.perf_counter() - tick))
+            checkpoint_now = s.config.checkpoint.every and s.step % s.config.checkpoint.every == 0
+            if log_now or checkpoint_now:   # a checkpoint's metrics.jsonl must hold every step before it
+                batch, pending = pending, []
+                last_loss = _log(s, batch, norm if log_now else None)
+            done = s.step - first_step
+            rate = done / max(time.perf_counter() - started, 1e-9)
+            callbacks.on_step(StepReport(s.step, t.steps, last_loss, lr, rate, (t.steps - s.step) / rate))
+            if s.config.sample.every and s.step % s.config.sample.every == 0 and s.step < t.steps:
+                sample(s, callbacks)
+            if checkpoint_now and s.step < t.steps:
+                save_checkpoint(s)
+        return False
+    finally:
+        if pending:
+            _log(s, pending, None)
+        if profiler:
+            profiler.stop()
+
+
+def _log(s: Session, pending, norm) -> float:
+    """Write the metrics of the steps since the last log: one device sync per logging interval."""
+    losses = torch.stack([loss for _, loss, _, _ in pending]).float().cpu().tolist()
+    for (step, _, lr, seconds), loss in zip(pending, losses):
+        last = step == pending[-1][0]
+        extra = {"grad_norm": float(norm)} if last and norm is not None else {}
+        memory = peak_memory_mb(s.device) if last else None
+        if memory is not None:
+            extra["memory_mb"] = memory
+        s.metrics.record(step, loss=loss, lr=lr, step_time=seconds, **extra)
+    s.losses.extend(losses)
+    bad = next((step for (step, *_), v in zip(pending, losses) if not math.isfinite(v)), None)
+    if bad is not None:
+        raise TrainingDiverged(f"the loss became {losses[-1]} at step {bad} (lr {pending[-1][2]:.3g}): the LoRA "
+                               "weights are no longer usable. Resume from an earlier checkpoint with a lower "
+                               "train.lr, or use train.mixed_precision=bf16 instead of fp16")
+    return losses[-1]
+
+
+# ---------------------------------------------------------------------------------------------- save
+def save(s: Session, path: Path | None = None) -> Path:
+    """The LoRA in ComfyUI-native form (loads in diffusers too) with its metadata: lora/<name>.safetensors
+    unless `path` is given."""
+    from ..lora_files import lora_metadata, lora_state_dict, save_lora
+
+    c = s.config
+    metadata = lora_metadata(
+        variant=s.variant.name, rank=c.lora.rank, alpha=c.lora.alpha, targets=s.targets,
+        extra={"steps": s.step, "resolution": list(c.data.resolution), "trigger_word": c.data.trigger_word,
+               "dataset_fingerprint": s.cache.fingerprint, "base_model_fingerprint": s.base_fingerprint,
+               "text_conditioning": c.model.text_conditioning, "name": c.output.name, "lr": c.train.lr,
+               "batch_size": c.train.batch_size, "images": len(s.cache), "seed": c.train.seed,
+               "family": s.variant.family, "max_steps": c.train.steps})
+    path = save_lora(path or s.run_dir / "lora" / f"{c.output.name}.safetensors", lora_state_dict(s.transformer),
+                     fmt="comfyui", rank=c.lora.rank, alpha=c.lora.alpha, metadata=metadata)
+    log.info("LoRA written to %s", path)
+    return path
+
+
+def cleanup(s: Session, *, release_model: bool) -> None:
+    s.metrics.close()
+    s.cache.close()
+    if release_model:
+        release(s.transformer)
+    else:
+        hand_back(s.transformer)
+    free_memory()
+
+
+def hand_back(transformer) -> None:
+    """A transformer the caller gave us goes back as it came: no adapter, no checkpointing, eval mode."""
+    if getattr(transformer, "peft_config", None):
+        transformer.unload_lora()   # removes peft's wrapper layers too: the original modules and state-dict keys
+    transformer.disable_gradient_checkpointing()
+    transformer.eval()
+
+
+def train(config: Config, callbacks: Callbacks | None = None, *, encoders=None, transformer=None,
+          resume=None) -> TrainingResult:
+    """The whole run. Encoders and transformer load from config.model unless given (then they are not freed).
+    `resume`: see setup (resume.py builds it from a checkpoint)."""
+    callbacks = callbacks or Callbacks()
+    # A host may call this under no_grad or inference_mode (ComfyUI runs every node so): training needs autograd.
+    # The host's random generators are left as they were.
+    with torch.inference_mode(False), torch.enable_grad(), torch.random.fork_rng(
+            devices=range(torch.cuda.device_count())):
+        s = setup(config, callbacks, encoders, transformer, resume=resume)
+        try:
+            stopped = train_loop(s, callbacks)
+            if stopped and s.step == s.start_step:   # stopped before the first step: nothing new to save
+                return TrainingResult(s.run_dir, None, s.step, True, [], [], None)
+            save_checkpoint(s)        # at the end, or where a stop request ended the run: resumable either way
+            lora_path = save(s)
+            curves = plot_training_curves(s.run_dir / "metrics.jsonl", s.run_dir / "training_curves.png",
+                                          title=f"{config.output.name} ({s.variant.name})")
+            if not stopped:
+                try:
+                    sample(s, callbacks)
+                except (RuntimeError, Flux2LoraError) as exc:  # the LoRA is saved: a failed sample loses nothing
+                    log.warning("the final samples failed (%s); the LoRA is at %s", exc, lora_path)
+        finally:
+            cleanup(s, release_model=transformer is None)
+    return TrainingResult(s.run_dir, lora_path, s.step, stopped, list(s.losses), list(s.samples), curves)
