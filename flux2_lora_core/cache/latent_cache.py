@@ -8,7 +8,7 @@ part of its memory: with everything cached, training needs neither. A build ther
    every resolution of the schedule;
 2. reuses every entry whose key (image hash, resolution, bucket, flip) or caption hash is already in
    the store for this exact model and encoding, and loads an encoder only if something is missing;
-3. encodes the rest, writes new shards, then the manifests (see cache_store.py), and releases the
+3. encodes the rest, writes new shards, then the manifests (see store.py), and releases the
    encoders before it returns.
 
 The empty caption is always cached, so caption dropout works without the text encoder. With flips
@@ -91,7 +91,7 @@ def build_latent_cache(dataset, encoders, settings: CacheSettings = CacheSetting
     """Bring the cache for `dataset` up to date and return it (see the module docstring).
 
     `encoders` provides `family`, `fingerprint(part)` and context managers `vae()` /
-    `text_encoder()` (see models.py); they are entered only when something must be encoded.
+    `text_encoder()` (see frozen_encoders.py); they are entered only when something must be encoded.
     `progress(phase, done, total)` is called as work completes ("latents", "captions").
     `prompts` (sample prompts) are encoded with the captions, so a run never loads the text encoder twice,
     and kept while the next build asks for them again; read them with `LatentCache.prompt(text)`.

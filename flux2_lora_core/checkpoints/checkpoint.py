@@ -10,7 +10,7 @@ hidden `.step_000100.tmp-<host>-<pid>-<token>/` beside the target, each fsynced,
 fsynced, verified by re-reading (page cache dropped first where the OS allows), renamed to `step_000100` (the
 atomic commit) and the parent fsynced. An existing `step_000100` is first renamed to `step_000100.replaced`, which
 is listed too, then deleted once the new one is in place. Deleting hides a folder (rename to `.<name>.del-<token>`)
-before removing it. checkpoint_cleanup removes what killed writers leave, at the next write or prune there.
+before removing it. cleanup.py removes what killed writers leave, at the next write or prune there.
 """
 
 from __future__ import annotations

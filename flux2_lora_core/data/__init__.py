@@ -1,6 +1,6 @@
 """Datasets as users keep them: folders, captions and metadata.jsonl read into a Dataset (paths, no pixels), images
 decoded safely, every problem found by validation, aspect-ratio buckets, and the generated demo dataset.
-The bottom stage with models/: it reads model configs only to size the projected cache."""
+Above models/ only: it reads a variant's config to size the projected cache."""
 
 from ..exports import lazy_exports
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from flux2_lora_core.checkpoints import checkpoint as ckpt
-from flux2_lora_core.checkpoints import cleanup as checkpoint_cleanup
+from flux2_lora_core.checkpoints import cleanup
 from flux2_lora_core.checkpoints.checkpoint import (
     MANIFEST,
     checkpoint_step,
@@ -288,11 +288,11 @@ def test_sigkill_at_random_moments_never_loses_a_checkpoint(tmp_path):
 def test_leftovers_in_use_are_kept_and_abandoned_ones_removed(tmp_path):
     done = subprocess.Popen([sys.executable, "-c", ""])
     done.wait()  # a pid that is no longer running
-    host = checkpoint_cleanup._HOST
+    host = cleanup._HOST
     live = tmp_path / f".step_000003.tmp-{host}-{os.getpid()}-0000abcd"  # a writer at work: locked, with files
     live.mkdir()
     (live / "adapter.safetensors").write_bytes(b"partial")
-    fd, got = checkpoint_cleanup._flock(live)
+    fd, got = cleanup._flock(live)
     if not got:
         os.close(fd) if fd is not None else None
         pytest.skip("flock does not work on this filesystem")

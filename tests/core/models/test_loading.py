@@ -1,4 +1,4 @@
-"""models.py: FLUX.2 from diffusers folders and ComfyUI/BFL single files, twins identical, errors that say why.
+"""models/loading.py: FLUX.2 from diffusers folders and ComfyUI/BFL single files, twins identical, errors that say why.
 
 Every file here is real: the tiny models written by `write_tiny_model`, and quantized, prefixed, cut or
 foreign variants of them built from the same weights; nothing of diffusers or transformers is mocked.
