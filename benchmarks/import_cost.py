@@ -8,8 +8,9 @@ alternating so machine noise hits them alike, and reported as a median with its 
 - cli: the same for `flux2_lora_core.cli` (what `flux2-lora --help` imports), and whether torch came with it.
 - pack in ComfyUI (with --comfyui DIR and a --python that has ComfyUI's requirements): ComfyUI's own modules
   imported first (its `nodes`, which loads torch and transformers, as at a real start), then the pack loaded the
-  way ComfyUI loads a custom node (spec from the folder's __init__.py, `comfy_entrypoint()`, `get_node_list()`),
-  timed with perf_counter; the third-party packages the pack brought in that ComfyUI had not are listed.
+  way ComfyUI loads a custom node (spec from the folder's __init__.py, `comfy_entrypoint()`, `on_load()`,
+  `get_node_list()`, each node's `GET_SCHEMA()`), timed with perf_counter; the third-party packages the pack
+  brought in that ComfyUI had not are listed.
 
     python benchmarks/import_cost.py                              # this checkout
     git worktree add /tmp/before <commit>
@@ -43,9 +44,13 @@ before = {m.split(".")[0] for m in sys.modules}
 start = time.perf_counter()
 spec = importlib.util.spec_from_file_location("flux2_pack", tree + "/__init__.py", submodule_search_locations=[tree])
 pack = importlib.util.module_from_spec(spec); sys.modules[spec.name] = pack; spec.loader.exec_module(pack)
-async def load():
+async def load():  # what ComfyUI's load_custom_node does with a V3 pack
     extension = await pack.comfy_entrypoint()
-    return await extension.get_node_list()
+    await extension.on_load()
+    node_list = await extension.get_node_list()
+    for node in node_list:
+        node.GET_SCHEMA()
+    return node_list
 node_list = asyncio.run(load())
 seconds = time.perf_counter() - start
 new = sorted({m.split(".")[0] for m in sys.modules} - before - {"flux2_pack"})

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flux2_lora_core.config import load_config  # noqa: E402
 from flux2_lora_core.data import write_demo_dataset  # noqa: E402
 from flux2_lora_core.models import write_tiny_model  # noqa: E402
-from flux2_lora_core.training import trainer  # noqa: E402
+from flux2_lora_core.training import Callbacks, trainer  # noqa: E402
 from flux2_lora_core.training.flow_matching import image_ids, predict_velocity, text_ids  # noqa: E402
 from flux2_lora_core.training.lora import trainable_parameters  # noqa: E402
 
@@ -75,8 +75,8 @@ def main() -> None:
                      f"lora.alpha={args.rank}", f"train.batch_size={args.batch_size}", "data.buckets=false",
                      "train.steps=1000000", "train.log_every=10", f"train.gradient_checkpointing="
                      f"{str(args.gradient_checkpointing).lower()}"]
-        s = trainer.setup(load_config(None, overrides), trainer.Callbacks())
-        callbacks = trainer.Callbacks()
+        s = trainer.setup(load_config(None, overrides), Callbacks())
+        callbacks = Callbacks()
         trainer_block(s, args.warmup, callbacks)
 
         resolution = args.resolution

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .data import normalise_caption_extensions
 from .errors import ConfigError, Flux2LoraError
 from .terminal import ProgressBars, StopOnSignal, TrainingBar
 
@@ -41,6 +40,8 @@ def resolution(text: str) -> int:
 
 
 def extensions(text: str) -> tuple[str, ...]:
+    from .data import normalise_caption_extensions  # here: captions imports PIL and numpy, --help needs neither
+
     try:
         return normalise_caption_extensions(text)
     except ConfigError as exc:

@@ -11,7 +11,6 @@ import os
 import folder_paths
 from comfy_api.latest import io, ui
 
-from ..flux2_lora_core.data import load_dataset, validate_dataset
 from ..flux2_lora_core.errors import DatasetError, Flux2LoraError
 
 CATEGORY = "FLUX.2 LoRA"
@@ -67,6 +66,8 @@ class LoadDataset(io.ComfyNode):
 
     @staticmethod
     def _load(folder, caption_extensions, trigger_word, repeats, recursive):
+        from ..flux2_lora_core.data import load_dataset
+
         return load_dataset(resolve_folder(folder), caption_extensions=caption_extensions,
                             trigger_word=trigger_word, repeats=repeats, recursive=recursive)
 
@@ -91,6 +92,8 @@ class ValidateDataset(io.ComfyNode):
 
     @classmethod
     def execute(cls, dataset, strict, min_images, resolution) -> io.NodeOutput:
+        from ..flux2_lora_core.data import validate_dataset
+
         report = validate_dataset(dataset, strict=strict, min_images=min_images, resolution=resolution)
         text = report.format_text()
         if not report.usable:

@@ -4,7 +4,8 @@ the learning-rate range test and the state a checkpoint captures. Above cache/, 
 from ..exports import lazy_exports
 
 __getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "callbacks": ("Callbacks", "StepReport"),
     "lr_finder": ("run_range_test",),
     "metrics": ("read_metrics",),
-    "trainer": ("Callbacks", "StepReport", "TrainingResult", "new_run_dir", "train"),
+    "trainer": ("TrainingResult", "new_run_dir", "train"),
 })

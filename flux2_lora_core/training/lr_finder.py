@@ -151,7 +151,8 @@ def run_range_test(config, *, min_lr: float = 1e-7, max_lr: float = 1e-2, steps:
     import json
     import time
 
-    from .trainer import Callbacks, StepReport, cleanup, micro_step, optimizer_step, setup
+    from .callbacks import Callbacks, StepReport
+    from .trainer import cleanup, micro_step, optimizer_step, setup
 
     callbacks = callbacks or Callbacks()
     test = RangeTest(min_lr, max_lr, steps)

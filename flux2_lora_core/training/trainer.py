@@ -5,7 +5,7 @@ only if something changed and are released before the transformer loads), the tr
 LoRA, the optimizer and schedule are built. `train_loop` is then only the FLUX.2 flow-matching step
 (flow_matching.py) repeated, with gradient accumulation, clipping, mixed precision and logging.
 
-Callers follow a run through `Callbacks` (on_step, should_stop, on_sample): the CLI maps it to a
+Callers follow a run through `Callbacks` (callbacks.py: on_step, should_stop, on_sample): the CLI maps it to a
 progress bar and Ctrl+C, the ComfyUI node to its progress bar and Cancel button. A fixed
 `train.seed` gives the same run twice: the LoRA init, the data order, flips, caption dropout, noise
 and timesteps all come from generators seeded from it (noise is drawn on the CPU, so the stream does
@@ -32,6 +32,7 @@ from ..data import BatchStream, resolution_at
 from ..errors import ConfigError, Flux2LoraError, TrainingDiverged
 from ..models import choose_device, choose_dtype, free_memory, peak_memory_mb, release
 from ..preflight import check_training_config
+from .callbacks import Callbacks, StepReport
 from .flow_matching import PositionIds, sample_sigmas, shift_sigmas, training_loss
 from .lora import add_lora, trainable_parameters
 from .metrics import MetricsLog, plot_training_curves
@@ -43,33 +44,6 @@ LOSS_HISTORY = 10_000         # per-step losses kept in memory for the result (m
 # fp16 loss scaling: LoRA runs are 1-3k steps and start with lora_B = 0 (tiny gradients). torch's default
 # growth interval (2000) would leave the scale where an early overflow backed it off for the whole run.
 GRAD_SCALER_GROWTH_INTERVAL = 200
-
-
-# ---------------------------------------------------------------------------------------------- callbacks
-@dataclass
-class StepReport:
-    step: int                   # optimizer steps done
-    total: int
-    loss: float | None          # latest logged loss (losses are read from the device on logging steps)
-    lr: float
-    steps_per_second: float
-    eta_seconds: float
-
-
-class Callbacks:
-    """Override what you need; every method is optional. Called on the training thread."""
-
-    def on_step(self, report: StepReport) -> None:
-        pass
-
-    def should_stop(self) -> bool:
-        return False
-
-    def on_sample(self, step: int, paths: list[Path]) -> None:
-        pass
-
-    def on_progress(self, phase: str, done: int, total: int) -> None:
-        """Setup work (latent caching) as it completes."""
 
 
 @dataclass

@@ -19,7 +19,7 @@ from flux2_lora_core.checkpoints.checkpoint import checkpoint_step, find_checkpo
 from flux2_lora_core.config import load_config
 from flux2_lora_core.errors import CheckpointError, ConfigError
 from flux2_lora_core.resume import resume
-from flux2_lora_core.training import trainer
+from flux2_lora_core.training import Callbacks, trainer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -56,7 +56,7 @@ def test_k_steps_then_resume_k_steps_equals_2k_steps(workspace, tmp_path):
     assert logged == list(range(1, 9))                              # each step once, in order
 
 
-class StopAfter(trainer.Callbacks):
+class StopAfter(Callbacks):
     def __init__(self, steps):
         self.steps, self.seen = steps, 0
 

@@ -14,7 +14,7 @@ from flux2_lora_core.config import load_config
 from flux2_lora_core.errors import ConfigError
 from flux2_lora_core.models.tiny_models import build_tiny_pipeline
 from flux2_lora_core.preflight import check_training_config
-from flux2_lora_core.training import trainer
+from flux2_lora_core.training import Callbacks, trainer
 from flux2_lora_core.training.lora import resolve_targets
 
 
@@ -30,7 +30,7 @@ def make_config(root, tmp_path, *overrides):
                               "sample.resolution=64", "sample.guidance=1.0", *overrides])
 
 
-class Recorder(trainer.Callbacks):
+class Recorder(Callbacks):
     def __init__(self, stop_after=None):
         self.reports, self.samples, self.stop_after = [], [], stop_after
 
@@ -87,7 +87,7 @@ def test_fixed_noise_overfit_loss_falls(workspace, tmp_path):
     """The real step and optimizer on one batch with the same noise and timestep every step."""
     config = make_config(workspace, tmp_path, "train.steps=40", "train.lr=2e-3", "train.max_grad_norm=0",
                          "train.timestep_sampling=uniform")
-    s = trainer.setup(config, trainer.Callbacks())
+    s = trainer.setup(config, Callbacks())
     try:
         batch = s.streams[64].next()
         losses = []
