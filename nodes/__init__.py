@@ -4,7 +4,7 @@ This package is the only code that may import ComfyUI (`comfy`, `comfy_api`, `fo
 `server`). It is loaded relatively from the pack folder and must never be installed as a
 top-level `nodes` package, which would shadow ComfyUI's own `nodes` module. ComfyUI imports it at
 start, so node modules import the engine where it is used, not at the top: only what their classes
-and schemas need (errors, config, the Callbacks protocol) loads with the pack.
+and schemas need (errors, config) loads with the pack.
 """
 
 from __future__ import annotations

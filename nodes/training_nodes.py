@@ -15,13 +15,11 @@ from pathlib import Path
 
 import folder_paths
 from comfy import model_management
-from comfy.utils import ProgressBar
 from comfy_api.latest import io, ui
 from safetensors.torch import load_file
 
 from ..flux2_lora_core.config import SCHEDULES, Config, ModelConfig, config_from_dict
 from ..flux2_lora_core.errors import ConfigError, Flux2LoraError
-from ..flux2_lora_core.training import Callbacks
 from .dataset_nodes import CATEGORY, Dataset
 
 Model = io.Custom("FLUX2_MODEL")
@@ -41,39 +39,6 @@ def model_file(kind: str, name: str, key: str) -> str:
         raise ConfigError([(key, f"{name!r} is not in ComfyUI's models/{kind} folders: put it there or give an "
                                  "absolute path")])
     return found
-
-
-class ComfyProgress(Callbacks):
-    """The trainer's callbacks as ComfyUI's progress bar, sample previews and Cancel button.
-
-    Before the first step Cancel simply aborts (the bar's hook raises; the cache keeps what it encoded).
-    Once training runs, Cancel becomes a stop request: the step finishes and a checkpoint is written.
-    """
-
-    def __init__(self):
-        self.bar, self.phases, self.cancelled = None, {}, False
-
-    def on_progress(self, phase, done, total):
-        self.phases.setdefault(phase, ProgressBar(total)).update_absolute(done, total)
-
-    def _update(self, *args, **kwargs):
-        try:
-            self.bar.update_absolute(*args, **kwargs)
-        except model_management.InterruptProcessingException:  # the hook saw Cancel first: stop gracefully
-            self.cancelled = True
-
-    def on_step(self, report):
-        self.bar = self.bar or ProgressBar(report.total)
-        self._update(report.step, report.total)
-
-    def on_sample(self, step, paths):
-        from PIL import Image
-
-        if self.bar is not None:
-            self._update(step, None, preview=("JPEG", Image.open(paths[0]).convert("RGB"), 512))
-
-    def should_stop(self):
-        return self.cancelled or model_management.processing_interrupted()
 
 
 class LoadTrainingModel(io.ComfyNode):
@@ -127,6 +92,7 @@ class CacheLatents(io.ComfyNode):
     @classmethod
     def execute(cls, dataset, model, resolution, buckets, max_aspect, flip, cache_dir="") -> io.NodeOutput:
         from ..flux2_lora_core.cache import cache_for_config
+        from .progress import ComfyProgress
 
         free_comfy_memory()
         config = Config(model=model).replace(cache={"dir": cache_dir or runs_folder("cache")}, data=dict(
@@ -209,6 +175,7 @@ class Train(io.ComfyNode):
     def execute(cls, cache, lora_config, name, resume="") -> io.NodeOutput:
         from ..flux2_lora_core.resume import resume as resume_run
         from ..flux2_lora_core.training import train
+        from .progress import ComfyProgress
 
         free_comfy_memory()
         config, progress = cache.replace(output={"dir": runs_folder(), "name": name}, **lora_config), ComfyProgress()

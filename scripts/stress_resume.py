@@ -25,7 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from flux2_lora_core.checkpoints import checkpoint_step, find_checkpoints, newest_intact, verify_checkpoint  # noqa: E402
+from flux2_lora_core.checkpoints import (checkpoint_step, find_checkpoints, newest_intact,  # noqa: E402
+                                         verify_checkpoint)
 
 
 def cli(*args) -> list[str]:

@@ -39,7 +39,7 @@ MISTRAL_HEAD_DIM = 128  # Mistral Small 3.x; q_proj is narrower than the hidden 
 
 
 def shipped_config(name: str, component: str = "") -> dict:
-    """A real config shipped in flux2_lora_core/configs (e.g. "flux2-dev", "transformer"), without the
+    """A real config shipped in flux2_lora_core/models/configs (e.g. "flux2-dev", "transformer"), without the
     `_class_name` / `_diffusers_version` bookkeeping that `from_config` does not need."""
     folder = resources.files(__package__).joinpath("configs", name, *([component] if component else []))
     filename = "scheduler_config.json" if component == "scheduler" else "config.json"

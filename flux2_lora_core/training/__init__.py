@@ -7,5 +7,6 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "callbacks": ("Callbacks", "StepReport"),
     "lr_finder": ("run_range_test",),
     "metrics": ("read_metrics",),
-    "trainer": ("TrainingResult", "new_run_dir", "train"),
+    "run_folder": ("new_run_dir",),
+    "trainer": ("TrainingResult", "train"),
 })

@@ -1,8 +1,7 @@
 """How a caller follows a run: the trainer reports through `Callbacks` and asks it whether to stop.
 
 The CLI maps it to a progress bar and Ctrl+C, the ComfyUI node to its progress bar and Cancel button. Kept apart
-from the trainer (and free of torch) so a node pack can subclass it when ComfyUI loads it, without importing the
-training machinery until a run starts.
+from the trainer (and free of torch) so that subclassing it imports nothing of the training machinery.
 """
 
 from __future__ import annotations

@@ -14,10 +14,8 @@ not depend on the device).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import platform
 import time
 from collections import deque
 from contextlib import nullcontext
@@ -26,7 +24,6 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
 from ..config import Config
 from ..data import BatchStream, resolution_at
 from ..errors import ConfigError, Flux2LoraError, TrainingDiverged
@@ -36,14 +33,13 @@ from .callbacks import Callbacks, StepReport
 from .flow_matching import PositionIds, sample_sigmas, shift_sigmas, training_loss
 from .lora import add_lora, trainable_parameters
 from .metrics import MetricsLog, plot_training_curves
+from .optimization import make_optimizer, mixed_precision
+from .run_folder import new_run_dir, write_run_json
 from .state import save_checkpoint
 
 log = logging.getLogger(__name__)
 
 LOSS_HISTORY = 10_000         # per-step losses kept in memory for the result (metrics.jsonl has them all)
-# fp16 loss scaling: LoRA runs are 1-3k steps and start with lora_B = 0 (tiny gradients). torch's default
-# growth interval (2000) would leave the scale where an early overflow backed it off for the whole run.
-GRAD_SCALER_GROWTH_INTERVAL = 200
 
 
 @dataclass
@@ -57,46 +53,7 @@ class TrainingResult:
     curves: Path | None = None
 
 
-# ---------------------------------------------------------------------------------------------- checks
-def new_run_dir(config: Config) -> Path:
-    """output.dir/output.name, or name-2, name-3... when that already holds a run: never overwrite one."""
-    parent, name = Path(config.output.dir), config.output.name
-    candidate, n = parent / name, 1
-    while candidate.exists() and any(candidate.iterdir()):
-        n += 1
-        candidate = parent / f"{name}-{n}"
-    if n > 1:
-        log.warning("%s already holds a run: this one goes to %s", parent / name, candidate)
-    candidate.mkdir(parents=True, exist_ok=True)
-    return candidate
-
-
 # ---------------------------------------------------------------------------------------------- setup
-def _optimizer(params, t) -> torch.optim.Optimizer:
-    if t.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=t.lr, momentum=0.9, weight_decay=t.weight_decay)
-    if t.optimizer == "adamw8bit":
-        import bitsandbytes as bnb
-
-        return bnb.optim.AdamW8bit(params, lr=t.lr, weight_decay=t.weight_decay)
-    device = params[0].device
-    fused = device.type in ("cuda", "cpu", "mps", "xpu")  # fused AdamW: one kernel for all parameters
-    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=fused)
-
-
-def _autocast(device: torch.device, base_dtype: torch.dtype, mode: str):
-    """(autocast dtype or None, GradScaler or None) for train.mixed_precision. "auto": bf16 where the device
-    has it (CUDA with bf16, or weights already bf16), fp16 over fp16 weights, else off (fp32 on the CPU)."""
-    if mode == "auto":
-        bf16 = base_dtype == torch.bfloat16 or (device.type == "cuda" and torch.cuda.is_bf16_supported())
-        mode = "bf16" if bf16 and base_dtype != torch.float16 else "fp16" if base_dtype == torch.float16 else "no"
-    if mode == "no":
-        return None, None
-    dtype = torch.bfloat16 if mode == "bf16" else torch.float16
-    scaler = torch.amp.GradScaler(device.type, growth_interval=GRAD_SCALER_GROWTH_INTERVAL) if mode == "fp16" else None
-    return dtype, scaler
-
-
 @dataclass
 class Session:
     """What one run holds between the recipe's phases."""
@@ -199,10 +156,10 @@ def _finish_setup(config, callbacks, cache, encoders, transformer, variant, targ
             block.compile()
     transformer.train()
     params = trainable_parameters(transformer)
-    optimizer = _optimizer(params, t)
+    optimizer = make_optimizer(params, t)
     scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps,
                               num_training_steps=t.steps)
-    autocast_dtype, scaler = _autocast(device, dtype, t.mixed_precision)
+    autocast_dtype, scaler = mixed_precision(device, dtype, t.mixed_precision)
     run_dir = resume[0] if resume else new_run_dir(config)
     streams = {r: BatchStream(cache, r, t.batch_size, t.seed) for r in data.resolution}
     session = Session(config, run_dir, cache, encoders, transformer, variant, targets, optimizer, scheduler, scaler,
@@ -217,25 +174,10 @@ def _finish_setup(config, callbacks, cache, encoders, transformer, variant, targ
     if resume:
         session.metrics.restore_history(resume[2].get("metrics", {}))
     session.start_step = session.step
-    _write_run_json(session)
+    write_run_json(session)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)   # memory_mb: training's peak, not the encoders' before it
     return session
-
-
-def _write_run_json(s: Session) -> None:
-    import diffusers
-    import peft
-    import transformers
-
-    record = {"config": s.config.to_dict(), "variant": s.variant.name, "family": s.variant.family,
-              "base_model_fingerprint": s.base_fingerprint, "dataset_fingerprint": s.cache.fingerprint,
-              "cache": str(s.cache.root), "lora_targets": s.targets, "images": len(s.cache),
-              "device": str(s.device), "dtype": str(s.dtype).removeprefix("torch."),
-              "versions": {"flux2_lora": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
-                           "transformers": transformers.__version__, "peft": peft.__version__,
-                           "python": platform.python_version()}}
-    (s.run_dir / "run.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------------------------- the step

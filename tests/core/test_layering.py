@@ -198,8 +198,8 @@ def test_nodes_import_the_engine_through_its_packages():
     wrong = []
     for path in sorted((ROOT / "nodes").glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level == 2 and (node.module or "").startswith("flux2_lora_core"):
-                target = node.module
+            target = getattr(node, "module", None) or ""
+            if isinstance(node, ast.ImportFrom) and node.level == 2 and target.startswith("flux2_lora_core"):
                 problems = [problem for _, problem in resolve(target, [a.name for a in node.names]) if problem]
                 if target.count(".") > 1 and module_path(target).name != "__init__.py":
                     problems.append(f"{target} is a stage's private module: import from its package")

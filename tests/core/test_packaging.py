@@ -18,11 +18,9 @@ def test_wheel_ships_every_module_and_config_and_no_nodes_folder(tmp_path):
     # only for users who pip-install, never in an editable checkout. The build runs on a copy: setuptools'
     # build/ folder in a checkout can hold modules from before a move, which must not hide a missing one.
     source = tmp_path / "source"
-    source.mkdir()
-    for name in ("pyproject.toml", "README.md", "flux2_lora_core"):
-        copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy2
-        copy(ROOT / name, source / name, **({"ignore": shutil.ignore_patterns("__pycache__")}
-                                            if (ROOT / name).is_dir() else {}))
+    shutil.copytree(ROOT / "flux2_lora_core", source / "flux2_lora_core", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, source / name)
     result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                              "-w", str(tmp_path / "dist"), str(source)], capture_output=True, text=True,
                             cwd=tmp_path, timeout=300)

@@ -49,8 +49,8 @@ def test_a_saved_cache_is_reused_without_encoding(saved):
 def test_a_saved_checkpoint_resumes_to_the_uninterrupted_run(saved):
     result = resume(saved / "runs" / "format")
     assert result.steps == EXPECTED["steps"] and not result.stopped_early
-    logged = {str(m["step"]): m["loss"] for m in map(json.loads, (saved / "runs" / "format" / "metrics.jsonl")
-                                                    .read_text().splitlines()) if m["step"] > EXPECTED["checkpoint_step"]}
+    records = map(json.loads, (saved / "runs" / "format" / "metrics.jsonl").read_text().splitlines())
+    logged = {str(m["step"]): m["loss"] for m in records if m["step"] > EXPECTED["checkpoint_step"]}
     assert logged == pytest.approx(EXPECTED["losses"], abs=2e-5)  # metrics.jsonl keeps 5 decimals
     lora, expected = load_file(result.lora_path), load_file(FIXTURE / "expected_lora.safetensors")
     assert lora.keys() == expected.keys()
