@@ -10,6 +10,14 @@ The server gets a fresh base directory (custom_nodes, input, output, user, temp)
 symlink named like a user's clone (with a hyphen: "ComfyUI-Flux2-LoRA"), a free port on 127.0.0.1,
 an in-memory database, no API nodes and offline model hubs. It is stopped by its PID at the end.
 
+Waits have no fixed length. A loaded 2-core machine can take minutes over work a laptop does in
+seconds, so a wait fails only when the server has gone quiet: nothing on its websocket and nothing
+new in its log for longer than the stall limit. That limit is measured, not guessed: STALL_STEPS
+times the slowest step the server has reported so far (the gap between two progress messages of one
+node: a training step, an encoded image), and never under STALL_FLOOR_S, which covers the work that
+reports no progress (importing the engine, loading a model). A server that keeps working is waited
+for; one that hangs fails within the limit, with its log.
+
 Helpers are fixtures (tests cannot import a conftest under --import-mode=importlib).
 """
 
@@ -22,6 +30,7 @@ import random
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -35,7 +44,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 LAUNCHER = HERE / "comfyui_launcher.py"
 PACK_FOLDER = "ComfyUI-Flux2-LoRA"  # what users clone it as; the hyphen makes it no valid module name
-STARTUP_TIMEOUT_S = 120  # ~12 s on a laptop; first start after install compiles bytecode
+STALL_FLOOR_S = 120  # silence allowed in any case: a first engine import or model load reports no progress
+STALL_STEPS = 20     # silence allowed, in measured steps
 REQUEST_TIMEOUT_S = 30
 LOOPBACK = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # 127.0.0.1 only, never via a proxy
 # What ComfyUI's main.py imports before it can serve anything (requirements.txt, minus the optional).
@@ -73,6 +83,73 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+class Activity:
+    """The suite's clock: when the server last did something observable, and how long its steps take.
+
+    A thread listens on the server's websocket (as the browser does, with the client id the prompts are
+    queued under); the server's log growing counts as activity too (model loads, startup).
+    """
+
+    def __init__(self, log_path: Path):
+        self.log_path, self.log_size = log_path, 0
+        self.last = time.monotonic()
+        self.slowest_step_s = 0.0
+        self._progress: dict[tuple, tuple[int, float]] = {}  # (prompt, node) -> (value, when)
+
+    def listen(self, ws_url: str) -> None:
+        threading.Thread(target=self._listen, args=(ws_url,), name="comfyui-websocket", daemon=True).start()
+
+    def _listen(self, ws_url: str) -> None:
+        import asyncio
+
+        import aiohttp  # a ComfyUI requirement: present wherever the server can start
+
+        async def listen():
+            async with aiohttp.ClientSession(trust_env=False) as session:
+                async with session.ws_connect(ws_url, heartbeat=30) as ws:
+                    async for message in ws:
+                        self._seen(message.data if message.type == aiohttp.WSMsgType.TEXT else None)
+
+        try:
+            asyncio.run(listen())
+        except (aiohttp.ClientError, OSError):
+            pass  # the server stopped; the log still counts, and waits report a dead process themselves
+
+    def _seen(self, text: str | None) -> None:
+        now = time.monotonic()
+        self.last = now
+        message = json.loads(text) if text else {}
+        if message.get("type") != "progress":
+            return
+        data = message["data"]
+        key = (data.get("prompt_id"), data.get("node"))
+        value, before = self._progress.get(key, (None, now))
+        if value is not None and data["value"] > value:
+            self.slowest_step_s = max(self.slowest_step_s, (now - before) / (data["value"] - value))
+        self._progress[key] = (data["value"], now)
+
+    @property
+    def stall_limit_s(self) -> float:
+        return max(STALL_FLOOR_S, STALL_STEPS * self.slowest_step_s)
+
+    def quiet_for(self) -> float:
+        """Seconds since the last sign of work (reading the log's size on the way)."""
+        try:
+            size = self.log_path.stat().st_size
+        except OSError:
+            size = self.log_size
+        if size != self.log_size:
+            self.log_size, self.last = size, time.monotonic()
+        return time.monotonic() - self.last
+
+    def stalled(self) -> bool:
+        return self.quiet_for() > self.stall_limit_s
+
+    def describe(self) -> str:
+        return (f"no sign of work for {self.quiet_for():.0f} s (limit {self.stall_limit_s:.0f} s: "
+                f"{STALL_STEPS} x the slowest measured step, {self.slowest_step_s:.2f} s, at least {STALL_FLOOR_S} s)")
+
+
 @dataclass
 class Server:
     """A running ComfyUI: its URL, folders and log, and small JSON helpers over its HTTP API."""
@@ -81,6 +158,7 @@ class Server:
     base: Path
     log_path: Path
     process: subprocess.Popen
+    activity: Activity
     client_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @property
@@ -110,19 +188,26 @@ class Server:
         assert status == 200, f"POST /prompt: HTTP {status}: {body.decode(errors='replace')[:4000]}"
         return json.loads(body)["prompt_id"]
 
-    def wait(self, prompt_id: str, timeout: float = 120) -> dict:
-        """The /history entry of a prompt once it has finished (successfully or not)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            entry = self.get_json(f"/history/{prompt_id}").get(prompt_id)
-            if entry and entry.get("status", {}).get("completed") is not None and entry["status"].get("status_str"):
-                return entry
-            assert self.process.poll() is None, f"ComfyUI exited while running {prompt_id}:\n{self.log()[-6000:]}"
+    def wait_until(self, done, what: str):
+        """Polls done() until it returns something truthy, for as long as the server keeps working."""
+        while not (result := done()):
+            assert self.process.poll() is None, f"ComfyUI exited while {what}:\n{self.log()[-6000:]}"
+            if self.activity.stalled():
+                raise AssertionError(f"{what}: {self.activity.describe()}:\n{self.log()[-6000:]}")
             time.sleep(0.1)
-        raise AssertionError(f"prompt {prompt_id} did not finish in {timeout} s:\n{self.log()[-6000:]}")
+        return result
 
-    def run(self, prompt: dict, timeout: float = 120) -> dict:
-        return self.wait(self.queue(prompt), timeout)
+    def wait(self, prompt_id: str) -> dict:
+        """The /history entry of a prompt once it has finished (successfully or not)."""
+        def finished():
+            entry = self.get_json(f"/history/{prompt_id}").get(prompt_id)
+            status = (entry or {}).get("status", {})
+            return entry if status.get("completed") is not None and status.get("status_str") else None
+
+        return self.wait_until(finished, f"waiting for prompt {prompt_id}")
+
+    def run(self, prompt: dict) -> dict:
+        return self.wait(self.queue(prompt))
 
 
 @pytest.fixture(scope="session")
@@ -142,29 +227,32 @@ def comfyui(tmp_path_factory) -> Server:
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, cwd=base, env=env, stdout=log, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True)
-    server = Server(f"http://127.0.0.1:{port}", base, log_path, process)
+    server = Server(f"http://127.0.0.1:{port}", base, log_path, process, Activity(log_path))
     try:
         _wait_until_ready(server)
+        server.activity.listen(f"ws://127.0.0.1:{port}/ws?clientId={server.client_id}")
         yield server
     finally:
         _stop(process)
 
 
 def _wait_until_ready(server: Server) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
+    """Until GET /system_stats answers; startup logs as it goes, so a silent log past the limit is a hang."""
+    def answers() -> bool:
         if server.process.poll() is not None:
             pytest.fail(f"ComfyUI exited with code {server.process.returncode} before answering "
                         f"GET /system_stats; its log:\n{server.log()[-8000:]}", pytrace=False)
         try:
             with LOOPBACK.open(server.url + "/system_stats", timeout=2) as response:
-                if response.status == 200:
-                    return
+                return response.status == 200
         except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
+            return False
+
+    while not answers():
+        if server.activity.stalled():
+            pytest.fail(f"ComfyUI did not answer GET /system_stats: {server.activity.describe()}; its log:\n"
+                        f"{server.log()[-8000:]}", pytrace=False)
         time.sleep(0.25)
-    pytest.fail(f"ComfyUI did not answer GET /system_stats within {STARTUP_TIMEOUT_S} s; its log:\n"
-                f"{server.log()[-8000:]}", pytrace=False)
 
 
 def _stop(process: subprocess.Popen) -> None:

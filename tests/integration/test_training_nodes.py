@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -78,7 +77,7 @@ def status(entry) -> str:
 
 def test_a_training_graph_trains_and_saves_a_lora_loraloader_lists(comfyui, setup):
     models, cache_dir = setup
-    entry = comfyui.run(graph(models, cache_dir), timeout=300)
+    entry = comfyui.run(graph(models, cache_dir))
     assert status(entry) == "success", json.dumps(entry["status"], indent=1)[-6000:]
     saved = models / "loras" / "ring.safetensors"
     with safe_open(saved, "pt") as f:
@@ -89,13 +88,13 @@ def test_a_training_graph_trains_and_saves_a_lora_loraloader_lists(comfyui, setu
     assert "ring.safetensors" in comfyui.get_json("/object_info/LoraLoader")["LoraLoader"]["input"]["required"][
         "lora_name"][0]                                                   # listed at once, no restart
 
-    again = comfyui.run(graph(models, cache_dir), timeout=300)          # re-queued: trains again, never overwrites
+    again = comfyui.run(graph(models, cache_dir))          # re-queued: trains again, never overwrites
     assert status(again) == "success"
     assert (models / "loras" / "ring-2.safetensors").exists() and (run.parent / "ring-2" / "run.json").exists()
 
 
 def test_bad_settings_stop_the_graph_at_train_naming_the_setting(comfyui, setup):
-    entry = comfyui.run(graph(*setup, name="bad", targets="regex:("), timeout=120)
+    entry = comfyui.run(graph(*setup, name="bad", targets="regex:("))
     assert status(entry) == "error"
     (error,) = [data for name, data in entry["status"]["messages"] if name == "execution_error"]
     assert error["node_type"] == "Flux2LoraTrain" and "lora.targets" in error["exception_message"]
@@ -105,18 +104,15 @@ def test_cancel_writes_a_checkpoint_and_train_resumes_it(comfyui, setup):
     models, cache_dir = setup
     prompt_id = comfyui.queue(graph(models, cache_dir, name="cancelled", steps=100000, checkpoint_every=0))
     metrics = comfyui.base / "output" / "flux2_lora" / "cancelled" / "metrics.jsonl"
-    deadline = time.monotonic() + 180
-    while not (metrics.exists() and metrics.stat().st_size) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    comfyui.wait_until(lambda: metrics.exists() and metrics.stat().st_size, "waiting for the first training step")
     comfyui.request("/interrupt", {})
-    entry = comfyui.wait(prompt_id, timeout=120)
+    entry = comfyui.wait(prompt_id)
     assert status(entry) == "error" and any(name == "execution_interrupted"
                                             for name, _ in entry["status"]["messages"])
     (checkpoint,) = find_checkpoints(metrics.parent)               # only the one Cancel wrote
     stopped = int(checkpoint.name.split("_")[1])
     assert stopped == json.loads(metrics.read_text().splitlines()[-1])["step"]
 
-    resumed = comfyui.run(graph(models, cache_dir, name="cancelled", steps=stopped + 2, resume="cancelled"),
-                          timeout=300)
+    resumed = comfyui.run(graph(models, cache_dir, name="cancelled", steps=stopped + 2, resume="cancelled"))
     assert status(resumed) == "success", json.dumps(resumed["status"], indent=1)[-6000:]
     assert find_checkpoints(metrics.parent)[-1].name == f"step_{stopped + 2:06d}"

@@ -1,0 +1,32 @@
+# Sourced by test.sh after env.sh: makes the real-server tests (tests/integration) runnable, so that they
+# run rather than skip wherever a ComfyUI checkout is at hand.
+#
+#   COMFYUI_DIR   the ComfyUI checkout the tests start; when unset, ../shared/comfyui (the read-only
+#                 snapshot CI has beside the project) if it exists. Empty or absent: the tests skip.
+#
+# ComfyUI's Python requirements go into the test environment with the installed torch held where it is
+# (a bare `torch` in them would otherwise swap the CPU build for a CUDA one of several GB). The
+# torchvision/torchaudio wheels that then resolve cannot load their compiled parts next to a CPU torch;
+# tests/integration/comfyui_launcher.py shims exactly that. comfyui-workflow-templates is left out: it is
+# the frontend's template gallery (hundreds of MB of media), which the server serves without and no test
+# opens. Nothing is ever written into the checkout itself.
+if [ -z "${COMFYUI_DIR+set}" ] && [ -f ../shared/comfyui/main.py ]; then
+    COMFYUI_DIR="$(cd ../shared/comfyui && pwd)"
+fi
+export COMFYUI_DIR="${COMFYUI_DIR:-}"
+
+if [ -n "$COMFYUI_DIR" ] && [ -f "$COMFYUI_DIR/requirements.txt" ]; then
+    comfy_stamp="$venv/.comfyui-requirements"
+    comfy_want="$(cat "$COMFYUI_DIR/requirements.txt" pyproject.toml scripts/comfyui_env.sh | sha256sum | cut -d' ' -f1)"
+    if [ "$(cat "$comfy_stamp" 2>/dev/null)" != "$comfy_want" ]; then
+        echo "installing ComfyUI's requirements from $COMFYUI_DIR (torch kept as it is)"
+        comfy_tmp="$(mktemp -d)"
+        "$py" -c 'import torch; print("torch==" + torch.__version__)' > "$comfy_tmp/constraints.txt"
+        grep -v -i -E '^[[:space:]]*comfyui-workflow-templates' "$COMFYUI_DIR/requirements.txt" \
+            > "$comfy_tmp/requirements.txt"
+        "$py" -m pip install --quiet --disable-pip-version-check \
+            -r "$comfy_tmp/requirements.txt" -c "$comfy_tmp/constraints.txt"
+        rm -rf "$comfy_tmp"
+        echo "$comfy_want" > "$comfy_stamp"
+    fi
+fi
