@@ -68,6 +68,14 @@ def _resolutions(values: tuple[int, ...]) -> tuple[int, ...]:
     return values
 
 
+def _absolute_folders(values: tuple[str, ...]) -> tuple[str, ...]:
+    values = tuple(os.path.expanduser(v) for v in values if v)
+    relative = [v for v in values if not os.path.isabs(v)]
+    if relative:
+        raise ValueError(f"{', '.join(map(repr, relative))}: give absolute folders")
+    return values
+
+
 def _file_name(value: str) -> str:
     bad = sorted(set(value) & set('/\\:*?"<>|') | {c for c in value if ord(c) < 32})
     if not value or value.startswith(".") or bad or value.endswith(".") or value != value.strip():
@@ -111,6 +119,9 @@ class DataConfig(_Section):
     buckets: bool = option(True, "aspect-ratio buckets; false: centre square crops")
     max_aspect: float = option(4.0, "widest bucket's long/short side ratio", min=1)
     flip: bool = option(False, "random horizontal flips (both orientations are cached)")
+    confine_to: tuple[str, ...] = option((), f"read dataset files only inside these folders ('{os.pathsep}'-separated; "
+                                         "links leading out are skipped); empty: anywhere", sep=os.pathsep,
+                                         check=_absolute_folders)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,11 @@ class DatasetError(Flux2LoraError):
     """The dataset folder (or a file in it) cannot be used."""
 
 
+class PathNotAllowedError(Flux2LoraError):
+    """A path lies outside the folders this process may use: on a shared ComfyUI server, its input, output and
+    model folders and the folders its owner allowed. The message names the input, never what lies outside."""
+
+
 class ImageError(DatasetError):
     """One image file cannot be decoded into RGB pixels."""
 

@@ -237,7 +237,7 @@ def cache_for_config(config, *, encoders=None, progress=None, prompts=()):
 
     data = config.data
     dataset = load_dataset(data.path, caption_extensions=data.caption_extensions, trigger_word=data.trigger_word,
-                           repeats=data.repeats, recursive=data.recursive)
+                           repeats=data.repeats, recursive=data.recursive, confine_to=data.confine_to)
     encoders = encoders or open_encoders(config.model)
     settings = CacheSettings(resolutions=data.resolution, buckets=data.buckets, max_aspect=data.max_aspect,
                              flip=data.flip, text_conditioning=config.model.text_conditioning)

@@ -13,6 +13,9 @@ Rules (kohya-compatible where kohya has one):
   never read as a repeat count.
 - Order: relative paths sorted component by component (code points, no locale), whatever the
   file system lists.
+`confine_to` (folders) keeps a scan inside them: the dataset folder must lie in one, and a link in it that leads
+out (to a file or a folder) is skipped with a note, never followed or read: for a server that must not read
+beyond the folders it serves. Without it, links are followed wherever they lead.
 Captions are read when asked for (`item.read_caption()`), never held: items store the sidecar path,
 or the metadata file with the line's byte offset. Problems found while scanning (bad metadata lines,
 unreadable folders, orphan captions) are kept as `notes` for `validate_dataset` to report.
@@ -28,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from ..errors import ConfigError, DatasetError
+from ..errors import ConfigError, DatasetError, PathNotAllowedError
 from .captions import CaptionSource, normalise_caption_extensions, parse_metadata_line, with_trigger
 from .images import IMAGE_EXTENSIONS, file_sha256, open_regular_file
 
@@ -130,10 +133,11 @@ class Dataset:
 
 
 def load_dataset(path, *, caption_extensions=(".txt",), trigger_word: str = "", repeats: int = 1,
-                 recursive: bool = True, metadata_file: str = "metadata.jsonl") -> Dataset:
-    """Scan a dataset folder. Raises DatasetError when the path is not a folder or holds no images."""
+                 recursive: bool = True, metadata_file: str = "metadata.jsonl", confine_to=()) -> Dataset:
+    """Scan a dataset folder. Raises DatasetError when the path is not a folder or holds no images,
+    PathNotAllowedError when it lies outside `confine_to`."""
     dataset = scan_dataset(path, caption_extensions=caption_extensions, trigger_word=trigger_word,
-                           repeats=repeats, recursive=recursive, metadata_file=metadata_file)
+                           repeats=repeats, recursive=recursive, metadata_file=metadata_file, confine_to=confine_to)
     if not dataset.items:
         where = "it or its sub-folders" if recursive else "it (sub-folders were not scanned: recursive is off)"
         raise DatasetError(f"no images found in {dataset.root}: looked in {where} for "
@@ -142,13 +146,14 @@ def load_dataset(path, *, caption_extensions=(".txt",), trigger_word: str = "", 
 
 
 def scan_dataset(path, *, caption_extensions=(".txt",), trigger_word: str = "", repeats: int = 1,
-                 recursive: bool = True, metadata_file: str = "metadata.jsonl") -> Dataset:
+                 recursive: bool = True, metadata_file: str = "metadata.jsonl", confine_to=()) -> Dataset:
     """load_dataset, except that a folder without images gives an empty Dataset (for validation)."""
     exts = normalise_caption_extensions(caption_extensions)
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ConfigError([("repeats", f"{repeats!r} is not a whole number of at least 1")])
-    root = _dataset_root(path)
-    scan = _Scan(root, exts, bool(recursive), metadata_file)
+    roots = tuple(os.path.realpath(os.path.expanduser(str(folder))) for folder in confine_to)
+    root = _dataset_root(path, roots)
+    scan = _Scan(root, exts, bool(recursive), metadata_file, roots)
     captions = scan.metadata_captions()
     trigger = str(trigger_word or "")
     items = []
@@ -169,8 +174,8 @@ def scan_dataset(path, *, caption_extensions=(".txt",), trigger_word: str = "", 
 class _Scan:
     """One walk over the folder tree: images, sidecar captions, metadata files and what went wrong."""
 
-    def __init__(self, root: Path, exts: tuple[str, ...], recursive: bool, metadata_file: str):
-        self.root, self.exts, self.metadata_file = root, exts, metadata_file
+    def __init__(self, root: Path, exts: tuple[str, ...], recursive: bool, metadata_file: str, roots=()):
+        self.root, self.exts, self.metadata_file, self.roots = root, exts, metadata_file, roots
         self.images: dict[tuple[str, ...], int] = {}  # relative parts -> folder repeats
         self.captions: dict[tuple[str, ...], dict[str, dict[str, Path]]] = {}  # folder -> stem -> ext -> path
         self.metadata: list[tuple[tuple[str, ...], Path]] = []
@@ -216,6 +221,10 @@ class _Scan:
             return
         for entry in entries:
             if entry.name.startswith(".") or entry.name in SKIPPED_FOLDERS:
+                continue
+            if self.roots and _leads_out(entry, self.roots):
+                self.note("warning", "link_outside", (*folder, entry.name), "links outside the folders the dataset "
+                          "may be read from: not read", "copy the file into the dataset instead of linking to it")
                 continue
             try:
                 is_dir = entry.is_dir()  # follows symlinks
@@ -292,11 +301,25 @@ class _Scan:
         return target, entry[0]
 
 
-def _dataset_root(path) -> Path:
+def _inside(real_path: str, roots: tuple[str, ...]) -> bool:
+    return any(real_path == root or real_path.startswith(root.rstrip(os.sep) + os.sep) for root in roots)
+
+
+def _leads_out(entry: os.DirEntry, roots: tuple[str, ...]) -> bool:
+    try:
+        return entry.is_symlink() and not _inside(os.path.realpath(entry.path), roots)
+    except OSError:  # cannot tell where it leads: do not follow it
+        return True
+
+
+def _dataset_root(path, roots=()) -> Path:
     text = str(path).strip().strip("\"'") if path is not None else ""
     if not text:
         raise DatasetError("no dataset folder given: name the folder that holds the training images")
     root = Path(text).expanduser()
+    if roots and not _inside(os.path.realpath(root), roots):  # before anything is looked at
+        raise PathNotAllowedError(f"dataset folder {text!r} is outside the folders datasets may be read from: "
+                                  "move the dataset into one of them")
     try:
         is_dir = root.is_dir()
         exists = is_dir or root.exists()
