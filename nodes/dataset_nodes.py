@@ -6,31 +6,13 @@ no pixels), so it is cheap for ComfyUI to cache and to pass along.
 
 from __future__ import annotations
 
-import os
-
-import folder_paths
 from comfy_api.latest import io, ui
 
 from ..flux2_lora_core.errors import DatasetError, Flux2LoraError
+from .folders import dataset_folder, read_roots
+from .sockets import Dataset, check_values, refuse_at_queue
 
 CATEGORY = "FLUX.2 LoRA"
-Dataset = io.Custom("FLUX2_DATASET")
-
-
-def resolve_folder(folder: str) -> str:
-    """A relative folder is looked up in ComfyUI's input directory, where users upload files."""
-    text = folder.strip().strip("\"'")  # quotes come along with "Copy as path"
-    if not text:
-        raise DatasetError("`folder` is empty: give the dataset folder, absolute or relative to ComfyUI's input directory")
-    path = os.path.expanduser(text)
-    relative = not os.path.isabs(path)
-    if relative:
-        path = os.path.join(folder_paths.get_input_directory(), path)
-    if not os.path.exists(path):
-        where = " in ComfyUI's input directory" if relative else ""
-        raise DatasetError(f"dataset folder {text!r} not found{where} (looked for {path}): create it and put the "
-                           "training images there, or set `folder` to an existing folder")
-    return path
 
 
 class LoadDataset(io.ComfyNode):
@@ -42,7 +24,7 @@ class LoadDataset(io.ComfyNode):
             category=CATEGORY,
             description="A folder of images with sidecar captions or a metadata.jsonl; kohya-style N_name folders repeat their images N times.",
             inputs=[
-                io.String.Input("folder", default="", placeholder="my_dataset (in ComfyUI/input) or an absolute path", tooltip="Dataset folder: absolute, or relative to ComfyUI's input directory."),
+                io.String.Input("folder", default="", placeholder="my_dataset (in ComfyUI/input)", tooltip="Dataset folder in ComfyUI's input directory; an absolute path only inside a folder the server's owner allowed (FLUX2_LORA_ALLOWED_ROOTS)."),
                 io.String.Input("caption_extensions", default="txt", tooltip="Sidecar caption extensions, comma-separated, first match wins."),
                 io.String.Input("trigger_word", default="", tooltip="Prepended to every caption ('trigger, caption')."),
                 io.Int.Input("repeats", default=1, min=1, max=1000, tooltip="Times each image is seen per epoch (multiplies N_name folder repeats)."),
@@ -50,6 +32,10 @@ class LoadDataset(io.ComfyNode):
             ],
             outputs=[Dataset.Output(display_name="dataset")],
         )
+
+    @classmethod
+    def validate_inputs(cls, folder=None):
+        return refuse_at_queue(cls, paths=[(dataset_folder, folder)])
 
     @classmethod
     def fingerprint_inputs(cls, folder, caption_extensions, trigger_word, repeats, recursive):
@@ -68,8 +54,8 @@ class LoadDataset(io.ComfyNode):
     def _load(folder, caption_extensions, trigger_word, repeats, recursive):
         from ..flux2_lora_core.data import load_dataset
 
-        return load_dataset(resolve_folder(folder), caption_extensions=caption_extensions,
-                            trigger_word=trigger_word, repeats=repeats, recursive=recursive)
+        return load_dataset(dataset_folder(folder), caption_extensions=caption_extensions, trigger_word=trigger_word,
+                            repeats=repeats, recursive=recursive, confine_to=read_roots())
 
 
 class ValidateDataset(io.ComfyNode):
@@ -91,9 +77,14 @@ class ValidateDataset(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, input_types, dataset=None):
+        return refuse_at_queue(cls, input_types, dict(dataset=dataset))
+
+    @classmethod
     def execute(cls, dataset, strict, min_images, resolution) -> io.NodeOutput:
         from ..flux2_lora_core.data import validate_dataset
 
+        check_values(dataset=dataset)
         report = validate_dataset(dataset, strict=strict, min_images=min_images, resolution=resolution)
         text = report.format_text()
         if not report.usable:

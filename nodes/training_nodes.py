@@ -9,8 +9,10 @@ Widget names are the config keys, so an error message names the widget to fix.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
+from functools import partial
 from pathlib import Path
 
 import folder_paths
@@ -19,26 +21,11 @@ from comfy_api.latest import io, ui
 from safetensors.torch import load_file
 
 from ..flux2_lora_core.config import SCHEDULES, Config, ModelConfig, config_from_dict
-from ..flux2_lora_core.errors import ConfigError, Flux2LoraError
-from .dataset_nodes import CATEGORY, Dataset
-
-Model = io.Custom("FLUX2_MODEL")
-Cache = io.Custom("FLUX2_CACHE")
-LoraConfig = io.Custom("FLUX2_LORA_CONFIG")
-Run = io.Custom("FLUX2_RUN")
-RUNS_FOLDER = "flux2_lora"  # under ComfyUI's output directory
-
-
-def model_file(kind: str, name: str, key: str) -> str:
-    """A file name from ComfyUI's models/<kind> folders, or an absolute path; empty stays empty."""
-    name = name.strip().strip("\"'")
-    if not name or os.path.isabs(name):
-        return name
-    found = folder_paths.get_full_path(kind, name)
-    if found is None:
-        raise ConfigError([(key, f"{name!r} is not in ComfyUI's models/{kind} folders: put it there or give an "
-                                 "absolute path")])
-    return found
+from ..flux2_lora_core.errors import Flux2LoraError
+from .dataset_nodes import CATEGORY
+from .folders import (cache_folder, inside_output, lora_file_name, model_path, read_roots, run_name, run_to_resume,
+                      runs_folder)
+from .sockets import Cache, Dataset, LoraConfig, Model, Run, check_values, refuse_at_queue
 
 
 class LoadTrainingModel(io.ComfyNode):
@@ -50,10 +37,10 @@ class LoadTrainingModel(io.ComfyNode):
             category=CATEGORY,
             description="The FLUX.2 files to train on: nothing is loaded until Cache Latents / Train need it.",
             inputs=[
-                io.String.Input("path", default="", tooltip="Transformer file in models/diffusion_models (e.g. flux-2-klein-base-4b.safetensors), or a diffusers folder (absolute path)."),
+                io.String.Input("path", default="", tooltip="Transformer file in models/diffusion_models (e.g. flux-2-klein-base-4b.safetensors), or a diffusers folder in models/diffusers."),
                 io.String.Input("vae", default="", tooltip="File in models/vae (flux2-vae.safetensors); empty: the diffusers folder's."),
                 io.String.Input("text_encoder", default="", tooltip="File in models/text_encoders (qwen_3_4b.safetensors for [klein]); empty: the diffusers folder's."),
-                io.String.Input("tokenizer", default="", tooltip="Tokenizer folder (absolute path); empty: found beside the text encoder or in the diffusers folder."),
+                io.String.Input("tokenizer", default="", tooltip="Tokenizer folder in models/text_encoders or models/ (e.g. 'tokenizer' for models/tokenizer); empty: found beside the text encoder or in the diffusers folder."),
                 io.Combo.Input("variant", options=["auto", "flux2-dev", "flux2-klein-4b", "flux2-klein-9b"], default="auto"),
                 io.Combo.Input("dtype", options=["auto", "bf16", "fp16", "fp32"], default="auto"),
                 io.Combo.Input("text_conditioning", options=["comfyui", "diffusers"], default="comfyui", tooltip="Whose prompt encoding the LoRA is trained on; comfyui for LoRAs used in ComfyUI."),
@@ -62,11 +49,15 @@ class LoadTrainingModel(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, path=None, vae=None, text_encoder=None, tokenizer=None):
+        files = dict(path=path, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
+        return refuse_at_queue(cls, paths=[(partial(model_path, key), text) for key, text in files.items()])
+
+    @classmethod
     def execute(cls, path, vae, text_encoder, tokenizer, variant, dtype, text_conditioning) -> io.NodeOutput:
-        model = ModelConfig(path=model_file("diffusion_models", path, "path"), vae=model_file("vae", vae, "vae"),
-                            text_encoder=model_file("text_encoders", text_encoder, "text_encoder"),
-                            tokenizer=tokenizer, variant=variant, dtype=dtype, text_conditioning=text_conditioning)
-        return io.NodeOutput(model)
+        files = dict(path=path, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
+        return io.NodeOutput(ModelConfig(**{key: model_path(key, text) for key, text in files.items()},
+                                         variant=variant, dtype=dtype, text_conditioning=text_conditioning))
 
 
 class CacheLatents(io.ComfyNode):
@@ -84,21 +75,26 @@ class CacheLatents(io.ComfyNode):
                 io.Boolean.Input("buckets", default=True, tooltip="Aspect-ratio buckets; off: centre square crops."),
                 io.Float.Input("max_aspect", default=4.0, min=1.0, max=8.0, step=0.1),
                 io.Boolean.Input("flip", default=False, tooltip="Random horizontal flips (both orientations are cached)."),
-                io.String.Input("cache_dir", default="", optional=True, tooltip="Where the cache lives; empty: output/flux2_lora/cache."),
+                io.String.Input("cache_dir", default="", optional=True, tooltip="A name for the cache folder under output/flux2_lora/cache; empty: that folder itself."),
             ],
             outputs=[Cache.Output(display_name="cache")],
         )
+
+    @classmethod
+    def validate_inputs(cls, input_types, dataset=None, model=None, cache_dir=None):
+        return refuse_at_queue(cls, input_types, dict(dataset=dataset, model=model), [(cache_folder, cache_dir)])
 
     @classmethod
     def execute(cls, dataset, model, resolution, buckets, max_aspect, flip, cache_dir="") -> io.NodeOutput:
         from ..flux2_lora_core.cache import cache_for_config
         from .progress import ComfyProgress
 
-        free_comfy_memory()
-        config = Config(model=model).replace(cache={"dir": cache_dir or runs_folder("cache")}, data=dict(
+        check_values(dataset=dataset, model=model)
+        config = Config(model=model).replace(cache={"dir": cache_folder(cache_dir)}, data=dict(
             path=str(dataset.root), caption_extensions=list(dataset.caption_extensions),
             trigger_word=dataset.trigger_word, repeats=dataset.repeats, recursive=dataset.recursive,
-            resolution=resolution, buckets=buckets, max_aspect=max_aspect, flip=flip))
+            resolution=resolution, buckets=buckets, max_aspect=max_aspect, flip=flip, confine_to=list(read_roots())))
+        free_comfy_memory()
         cache, _ = cache_for_config(config, progress=ComfyProgress().on_progress)
         return io.NodeOutput(config, ui=ui.PreviewText(cache.summary.format_text()))
 
@@ -160,7 +156,7 @@ class Train(io.ComfyNode):
                 Cache.Input("cache"),
                 LoraConfig.Input("lora_config"),
                 io.String.Input("name", default="flux2_lora", tooltip="Run folder (output/flux2_lora/<name>) and LoRA file name."),
-                io.String.Input("resume", default="", optional=True, tooltip="A run folder or checkpoint to continue (absolute, or a run name under output/flux2_lora)."),
+                io.String.Input("resume", default="", optional=True, tooltip="A run to continue: its name under output/flux2_lora (or one of its checkpoints, 'name/checkpoints/step_000500')."),
             ],
             outputs=[io.Custom("LORA_MODEL").Output(display_name="lora"), io.Custom("LOSS_MAP").Output(display_name="loss"),
                      Run.Output(display_name="run")],
@@ -172,17 +168,24 @@ class Train(io.ComfyNode):
         return float("nan")  # a re-queued graph trains again rather than being served from ComfyUI's cache
 
     @classmethod
+    def validate_inputs(cls, input_types, cache=None, lora_config=None, name=None, resume=None):
+        return refuse_at_queue(cls, input_types, dict(cache=cache, lora_config=lora_config),
+                               [(run_name, name), (run_to_resume, resume)])
+
+    @classmethod
     def execute(cls, cache, lora_config, name, resume="") -> io.NodeOutput:
         from ..flux2_lora_core.resume import resume as resume_run
         from ..flux2_lora_core.training import train
         from .progress import ComfyProgress
 
+        check_values(cache=cache, lora_config=lora_config)
+        config = cache.replace(output={"dir": runs_folder(), "name": run_name(name)}, **lora_config)
+        run, progress = run_to_resume(resume) if resume.strip() else None, ComfyProgress()
         free_comfy_memory()
-        config, progress = cache.replace(output={"dir": runs_folder(), "name": name}, **lora_config), ComfyProgress()
-        if resume.strip():  # the run's config; what this graph sets (its files and widgets) wins, each change logged
+        if run:  # the run's config; what this graph sets (its files and widgets) wins, each change logged
             graph = {**{k: v for k, v in cache.to_dict().items() if k in ("model", "data", "cache")}, **lora_config}
             updates = {f"{s}.{k}": v for s, values in graph.items() for k, v in values.items()}
-            result = resume_run(run_in_outputs(resume), updates=updates, callbacks=progress)
+            result = resume_run(run, updates=updates, callbacks=progress)
         else:
             result = train(config, progress)
         if result.stopped_early:
@@ -192,25 +195,17 @@ class Train(io.ComfyNode):
                              ui=ui.PreviewText(f"{result.steps} steps; LoRA {result.lora_path}"))
 
 
-def runs_folder(*parts: str) -> str:
-    return os.path.join(folder_paths.get_output_directory(), RUNS_FOLDER, *parts)
-
-
-def run_in_outputs(text: str) -> str:
-    """A run to resume, by name (or path) inside output/flux2_lora: a node never writes outside ComfyUI's roots."""
-    runs = Path(runs_folder()).resolve()
-    path = (runs / text.strip().strip("\"'")).resolve()
-    if not path.is_relative_to(runs) or path == runs:
-        raise ConfigError([("resume", f"{text!r} is not a run inside {runs}: give a run name such as 'flux2_lora'")])
-    return str(path)
-
-
 def run_losses(run_dir: Path) -> list[float]:
-    """The whole run's losses (a resumed run's too) for Plot Loss Graph, which needs at least two points."""
+    """The whole run's losses (a resumed run's too) for Plot Loss Graph, which needs two points and divides by
+    max - min: a flat list (one step, or a constant loss) gets its last value raised by one ulp, which no printed
+    digit shows."""
     from ..flux2_lora_core.training import read_metrics
 
     losses = [r["loss"] for r in read_metrics(Path(run_dir) / "metrics.jsonl") if r.get("loss") is not None]
-    return losses * 2 if len(losses) == 1 else losses
+    losses = losses * 2 if len(losses) == 1 else losses
+    if losses and min(losses) == max(losses):
+        losses[-1] = math.nextafter(losses[-1], math.inf)
+    return losses
 
 
 def free_comfy_memory() -> None:
@@ -233,8 +228,13 @@ class SaveLora(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, input_types, run=None, filename=None):
+        return refuse_at_queue(cls, input_types, dict(run=run), [(lora_file_name, filename)])
+
+    @classmethod
     def execute(cls, run, filename) -> io.NodeOutput:
-        path = save_to_loras(Path(run["lora"]), filename)
+        check_values(run=run)
+        path = save_to_loras(Path(inside_output(run["lora"], "run")), filename)
         return io.NodeOutput(str(path), ui=ui.PreviewText(f"saved {path}"))
 
 
@@ -243,9 +243,7 @@ def save_to_loras(source: Path, filename: str) -> Path:
     complete before LoraLoader can see it (copied to a hidden name, then renamed)."""
     if not source.is_file():
         raise Flux2LoraError(f"{source} does not exist: train the run to the end (or resume it) first")
-    stem = filename.strip().removesuffix(".safetensors")
-    if not stem or os.sep in stem or "/" in stem:
-        raise ConfigError([("filename", f"{filename!r} is not a file name")])
+    stem = lora_file_name(filename)
     folder = Path(folder_paths.get_folder_paths("loras")[0])
     folder.mkdir(parents=True, exist_ok=True)
     target, n = folder / f"{stem}.safetensors", 1

@@ -43,7 +43,7 @@ def setup(comfyui, tmp_path_factory):
             (written / COMFYUI_FILES["klein"][part]).rename(target)
         (written / "tokenizer").rename(models / "tokenizer")
     write_demo_dataset(comfyui.input_dir / "ring", count=3, size=256)
-    return models, tmp_path_factory.mktemp("cache")
+    return models, "training_tests"  # the cache's name: output/flux2_lora/cache/training_tests
 
 
 def graph(models, cache_dir, *, name="ring", steps=4, targets="attention_mlp", resume="", checkpoint_every=2):
@@ -54,11 +54,11 @@ def graph(models, cache_dir, *, name="ring", steps=4, targets="attention_mlp", r
                          "recursive": True}},
         "2": {"class_type": "Flux2LoraLoadTrainingModel",
               "inputs": {"path": files["transformer"].split("/", 1)[1], "vae": files["vae"].split("/", 1)[1],
-                         "text_encoder": files["text_encoder"].split("/", 1)[1], "tokenizer": str(models / "tokenizer"),
+                         "text_encoder": files["text_encoder"].split("/", 1)[1], "tokenizer": "tokenizer",
                          "variant": "auto", "dtype": "fp32", "text_conditioning": "comfyui"}},
         "3": {"class_type": "Flux2LoraCacheLatents",
               "inputs": {"dataset": ["1", 0], "model": ["2", 0], "resolution": "64", "buckets": True,
-                         "max_aspect": 4.0, "flip": False, "cache_dir": str(cache_dir)}},
+                         "max_aspect": 4.0, "flip": False, "cache_dir": cache_dir}},
         "4": {"class_type": "Flux2LoraConfigureLora",
               "inputs": {"rank": 4, "alpha": 4.0, "targets": targets, "optimizer": "adamw", "lr": 1e-3,
                          "lr_scheduler": "constant", "warmup_steps": 0, "steps": steps, "batch_size": 1,
@@ -85,6 +85,7 @@ def test_a_training_graph_trains_and_saves_a_lora_loraloader_lists(comfyui, setu
         assert f.metadata()["ss_network_dim"] == "4"
     run = comfyui.base / "output" / "flux2_lora" / "ring"
     assert (run / "run.json").exists() and [p.name for p in find_checkpoints(run)][-1] == "step_000004"
+    assert any((run.parent / "cache" / cache_dir).iterdir())             # the cache, by name, under output/
     assert "ring.safetensors" in comfyui.get_json("/object_info/LoraLoader")["LoraLoader"]["input"]["required"][
         "lora_name"][0]                                                   # listed at once, no restart
 
@@ -98,6 +99,16 @@ def test_bad_settings_stop_the_graph_at_train_naming_the_setting(comfyui, setup)
     assert status(entry) == "error"
     (error,) = [data for name, data in entry["status"]["messages"] if name == "execution_error"]
     assert error["node_type"] == "Flux2LoraTrain" and "lora.targets" in error["exception_message"]
+
+
+def test_plot_loss_graph_draws_a_one_step_run(comfyui, setup):
+    """ComfyUI's own "Plot Loss Graph" divides by max - min: a one-step run (one loss) must still give it a range."""
+    prompt = graph(*setup, name="one_step", steps=1, checkpoint_every=0)
+    prompt["7"] = {"class_type": "LossGraphNode", "inputs": {"loss": ["5", 1], "filename_prefix": "one_step_loss"}}
+    entry = comfyui.run(prompt)
+    assert status(entry) == "success", json.dumps(entry["status"], indent=1)[-6000:]
+    (graph_image,) = entry["outputs"]["7"]["images"]
+    assert (comfyui.base / graph_image["type"] / graph_image["subfolder"] / graph_image["filename"]).is_file()
 
 
 def test_cancel_writes_a_checkpoint_and_train_resumes_it(comfyui, setup):
