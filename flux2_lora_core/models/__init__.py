@@ -6,10 +6,10 @@ from ..exports import lazy_exports
 
 __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "devices": ("choose_device", "choose_dtype", "free_memory", "peak_memory_mb", "release"),
-    "loading": ("check_compatible", "load_text_encoder", "load_transformer", "load_vae", "probe_variant",
-                "weights_fingerprint"),
+    "loading": ("check_compatible", "load_text_encoder", "load_tokenizer", "load_transformer", "load_vae",
+                "probe_variant", "weights_fingerprint"),
     "single_file": ("TRANSFORMER_RENAMES", "compile_template"),
-    "sources": ("ModelSources", "resolve_sources"),
+    "sources": ("ModelSources", "locate_tokenizer", "resolve_sources"),
     "tiny_models": ("build_tiny_pipeline", "write_tiny_model"),
     "variants": ("FAMILIES", "SHIPPED", "TEXT_LAYERS", "Variant", "detect_variant", "shipped_config"),
 })

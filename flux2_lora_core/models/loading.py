@@ -33,7 +33,7 @@ from .files import (
 )
 from .quantization import dequantize, logical_shapes, to_fp8r
 from .single_file import text_encoder_to_comfyui, vae_to_diffusers
-from .sources import tokenizer_beside
+from .sources import locate_tokenizer, missing_tokenizer_hint
 from .variants import (
     FAMILIES,
     SHIPPED,
@@ -232,27 +232,50 @@ def _text_encoder_weights(path: Path, family: str, dtype: torch.dtype):
     state = {}
     for file in sorted(folder.glob("*.safetensors")):
         header = read_header(file, key="model.text_encoder")
-        state.update(dequantize(load_tensors(header), header.metadata, dtype=dtype, path=file))
+        tensors = {k: v for k, v in load_tensors(header).items() if k not in _NOT_WEIGHTS}
+        state.update(dequantize(tensors, header.metadata, dtype=dtype, path=file))
     if not state:
         raise ModelError(f"{folder}: no .safetensors weights (pickled .bin files are never loaded)")
     return config.get_text_config(), _language_model_state(state, family, folder)
 
 
-def _load_tokenizer(tokenizer, path: Path):
+def load_tokenizer(tokenizer, path):
+    """The tokenizer named by `tokenizer` (a folder, a file in one, or a text-encoder file that carries its
+    tokenizer), else the one `locate_tokenizer` finds for the text encoder at `path` (a file or folder)."""
     from transformers import AutoTokenizer
 
+    path = Path(path)
     if tokenizer is None or not str(tokenizer):
-        tokenizer = tokenizer_beside(path / "text_encoder" if is_pipeline(path) else path)
+        text_encoder = path / "text_encoder" if is_pipeline(path) else path
+        tokenizer = locate_tokenizer(text_encoder, path if is_pipeline(path) else None)
         if tokenizer is None:
-            raise ModelError(f"{path}: no tokenizer beside the text encoder; set model.tokenizer to the tokenizer "
-                             f"folder (tokenizer.json / tokenizer_config.json) of this text encoder")
+            raise ModelError(f"{path}: no tokenizer inside or beside the text encoder; "
+                             f"{missing_tokenizer_hint(text_encoder)}")
+        log.info("tokenizer of %s: %s", path, "inside the file" if tokenizer == text_encoder else tokenizer)
     folder = Path(tokenizer)
+    if folder.is_file() and folder.suffix == ".safetensors":
+        return _embedded_tokenizer(folder)
     folder = folder.parent if folder.is_file() else folder
     try:
         return AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, TypeError) as exc:
         raise ModelError(f"{folder}: not a tokenizer folder ({str(exc).splitlines()[0][:200]}); set model.tokenizer "
                          f"to a folder holding tokenizer.json / tokenizer_config.json") from None
+
+
+def _embedded_tokenizer(path: Path):
+    """The tokenizer a text-encoder file carries (ComfyUI's [dev] files: tekken.json bytes as `tekken_model`)."""
+    from safetensors import safe_open
+
+    from .tekken import KEY, tokenizer_from_tekken
+
+    file = read_header(path, key="model.tokenizer")
+    if KEY not in file.shapes:
+        raise ModelError(f"{path}: this file carries no tokenizer (no {KEY!r} entry); set model.tokenizer to the "
+                         f"tokenizer folder (tokenizer.json / tokenizer_config.json) of the text encoder")
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        data = f.get_tensor(KEY)
+    return tokenizer_from_tekken(data, where=path)
 
 
 def load_text_encoder(path, *, family: str, tokenizer=None, dtype: torch.dtype, device: torch.device):
@@ -277,7 +300,7 @@ def load_text_encoder(path, *, family: str, tokenizer=None, dtype: torch.dtype, 
         return model
 
     model = with_oom_retry(load, what="the text encoder", path=path)
-    tok = _load_tokenizer(tokenizer, path)
+    tok = load_tokenizer(tokenizer, path)
     if len(tok) > model.config.vocab_size:
         raise ModelError(f"{path}: the tokenizer has {len(tok)} tokens but the text encoder embeds only "
                          f"{model.config.vocab_size}; set model.tokenizer to this text encoder's tokenizer")

@@ -182,15 +182,18 @@ def _metadata(variant: str, seed: int, component: str, layout: str, config: dict
 def _write_comfyui(pipe, out_dir: Path, variant: str, seed: int) -> list[Path]:
     from safetensors.torch import save_file
 
+    from . import tekken
     from .single_file import text_encoder_to_comfyui, transformer_to_bfl, vae_to_bfl
 
     names = COMFYUI_FILES[variant]
+    text_encoder = text_encoder_to_comfyui(pipe.text_encoder.state_dict(), variant)
+    if variant == "dev":  # as in ComfyUI's Mistral files: the tokenizer travels inside, as tekken.json bytes
+        text_encoder[tekken.KEY] = tekken.as_tensor(tekken.tiny_tekken_json())
     files = {
         "transformer": (transformer_to_bfl(pipe.transformer.state_dict()), "bfl",
                         dict(pipe.transformer.config)),
         "vae": (vae_to_bfl(pipe.vae.state_dict()), "ldm", dict(pipe.vae.config)),
-        "text_encoder": (text_encoder_to_comfyui(pipe.text_encoder.state_dict(), variant), "comfyui",
-                         pipe.text_encoder.config.to_json_string()),
+        "text_encoder": (text_encoder, "comfyui", pipe.text_encoder.config.to_json_string()),
     }
     written = []
     for component, (state_dict, layout, config) in files.items():
@@ -209,8 +212,9 @@ def write_tiny_model(out_dir: str | Path, variant: str = "klein", fmt: str = "di
 
     fmt "diffusers": a pipeline folder that `DiffusionPipeline.from_pretrained` loads offline.
     fmt "comfyui": the same weights as single files in ComfyUI's models/ layout (see COMFYUI_FILES) plus a
-    tokenizer/ folder. Each file's safetensors header records the variant, seed, pack version and the
-    component's config under `flux2_lora.*`.
+    tokenizer/ folder. Like ComfyUI's real Mistral files, the [dev] text-encoder file also carries its tokenizer
+    as `tekken_model` (tekken.json bytes), so it loads without the folder. Each file's safetensors header
+    records the variant, seed, pack version and the component's config under `flux2_lora.*`.
     """
     _check(variant, fmt)
     out_dir = Path(out_dir)

@@ -198,7 +198,11 @@ def test_text_encoder_file_holds_the_language_model_only(tiny, variant):
     assert {"model.embed_tokens.weight", "model.norm.weight", "model.layers.0.input_layernorm.weight",
             "model.layers.0.post_attention_layernorm.weight", "model.layers.0.self_attn.q_proj.weight",
             "model.layers.0.mlp.gate_proj.weight", f"model.layers.{layers - 1}.mlp.down_proj.weight"} <= set(sd)
-    assert all(k.startswith("model.") for k in sd) and not any("lm_head" in k or "vision" in k for k in sd)
+    # Like ComfyUI's real Mistral files, the [dev] file also carries its tokenizer: tekken.json as uint8 bytes.
+    tokenizer = {"tekken_model"} if variant == "dev" else set()
+    assert set(sd) - {k for k in sd if k.startswith("model.")} == tokenizer
+    assert not any("lm_head" in k or "vision" in k for k in sd)
+    assert all(sd[k].dtype == torch.uint8 and sd[k].ndim == 1 for k in tokenizer)
     assert ("model.layers.0.self_attn.q_norm.weight" in sd) is (variant == "klein")  # ComfyUI's Qwen3 check
 
 
