@@ -185,8 +185,10 @@ def _encode_latents(dataset, encoders, todo, store, batch_size, progress, summar
                     for key in item_keys:
                         pixels.append(image_to_pixels(image, bucket, flip=key.endswith(":flip")))
                         keys.append(key)
-                if keys:
-                    for key, latent in zip(keys, _encode_with_backoff(vae, torch.stack(pixels))):
+                if keys:  # at most batch_size images per VAE call, both orientations of an image included
+                    latents = torch.cat([_encode_with_backoff(vae, torch.stack(pixels[i:i + batch_size]))
+                                         for i in range(0, len(pixels), batch_size)])
+                    for key, latent in zip(keys, latents):
                         store.put(key, latent)
                     summary.images_encoded += len(keys)
                 done += sum(len(k) for _, k in work[start:start + batch_size])

@@ -46,7 +46,7 @@ def test_defaults():
                                     device="auto", text_conditioning="comfyui")
     assert cfg.data == DataConfig(path="", caption_extensions=(".txt",), trigger_word="", repeats=1, recursive=True,
                                   resolution=(1024,), buckets=True, max_aspect=4.0, flip=False)
-    assert cfg.cache == CacheConfig(dir="", batch_size=4, verify="quick")
+    assert cfg.cache == CacheConfig(dir="", batch_size=1, verify="quick")
     assert cfg.output == OutputConfig(dir="output", name="flux2_lora")
 
 
