@@ -40,7 +40,7 @@ class LoadTrainingModel(io.ComfyNode):
                 io.String.Input("path", default="", tooltip="Transformer file in models/diffusion_models (e.g. flux-2-klein-base-4b.safetensors), or a diffusers folder in models/diffusers."),
                 io.String.Input("vae", default="", tooltip="File in models/vae (flux2-vae.safetensors); empty: the diffusers folder's."),
                 io.String.Input("text_encoder", default="", tooltip="File in models/text_encoders (qwen_3_4b.safetensors for [klein]); empty: the diffusers folder's."),
-                io.String.Input("tokenizer", default="", tooltip="Tokenizer folder in models/text_encoders or models/ (e.g. 'tokenizer' for models/tokenizer); empty: found beside the text encoder or in the diffusers folder."),
+                io.String.Input("tokenizer", default="", tooltip="Tokenizer folder in models/text_encoders or models/ (e.g. 'tokenizer' for models/tokenizer); empty: the one inside the text-encoder file ([dev]), beside it or in the diffusers folder, else ComfyUI's own qwen25_tokenizer ([klein])."),
                 io.Combo.Input("variant", options=["auto", "flux2-dev", "flux2-klein-4b", "flux2-klein-9b"], default="auto"),
                 io.Combo.Input("dtype", options=["auto", "bf16", "fp16", "fp32"], default="auto"),
                 io.Combo.Input("text_conditioning", options=["comfyui", "diffusers"], default="comfyui", tooltip="Whose prompt encoding the LoRA is trained on; comfyui for LoRAs used in ComfyUI."),

@@ -34,33 +34,59 @@ def build_pipeline(transformer, vae, family: str):
 
 
 @torch.no_grad()
-def generate(transformer, vae, family: str, prompt_embeds: list[torch.Tensor], negative: torch.Tensor, *,
-             size: int, steps: int, guidance: float, seed: int, dtype: torch.dtype):
-    """One PIL image per prompt embedding (L, D), each from the same seed so they compare across steps."""
+def sample_tokens(transformer, vae, family: str, prompt_embeds: list[torch.Tensor], negative: torch.Tensor, *,
+                  size: int, steps: int, guidance: float, seed: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    """The final denoised latent (1, h*w, 128) per prompt embedding (L, D), normalised as the transformer sees it.
+
+    Each prompt starts from the same seed's noise, so samples compare across training steps. These tokens are
+    what ComfyUI's sampler would end with (Flux2Scheduler + euler, the same seed): the test against ComfyUI
+    compares them before any decoding. [klein]'s pipeline returns its latents already de-normalised, so they are
+    taken at the last step instead, exactly as the scheduler left them.
+    """
     device = next(p.device for p in transformer.parameters())
     pipe = build_pipeline(transformer, vae, family)
+    pipe.set_progress_bar_config(disable=True)
     was_training = transformer.training
     transformer.eval()
-    images = []
+    tokens = []
     try:
+        last = {}
+
+        def keep_latents(_pipe, _step, _timestep, state):
+            last.update(state)
+            return state
+
         for embedding in prompt_embeds:
-            kwargs = dict(prompt_embeds=embedding[None].to(device, dtype), height=size, width=size,
-                          num_inference_steps=steps, guidance_scale=guidance,
-                          generator=torch.Generator("cpu").manual_seed(seed), output_type="latent")
+            kwargs = {"prompt_embeds": embedding[None].to(device, dtype), "height": size, "width": size,
+                      "num_inference_steps": steps, "guidance_scale": guidance, "output_type": "latent",
+                      "generator": torch.Generator("cpu").manual_seed(seed), "callback_on_step_end": keep_latents,
+                      "callback_on_step_end_tensor_inputs": ["latents"]}
             if family == "klein":
                 kwargs["negative_prompt_embeds"] = negative[None].to(device, dtype)
-            pipe.set_progress_bar_config(disable=True)
-            latents = pipe(**kwargs).images  # [klein]: (1, 32, H/8, W/8); [dev]: the packed (1, h*w, 128) tokens
-            if latents.ndim == 3:
-                latents = decoder_latents(vae, latents, size // 16, size // 16)
-            # Decoded here, in the VAE's own dtype: it may differ from the transformer's (an fp32 VAE beside bf16).
-            vae_param = next(vae.parameters())
-            pixels = vae.decode(latents.to(vae_param.device, vae_param.dtype), return_dict=False)[0]
-            images += pipe.image_processor.postprocess(pixels, output_type="pil")
+            pipe(**kwargs)
+            tokens.append(last.pop("latents"))  # (1, h*w, 128), after the last step
     finally:
         transformer.train(was_training)
         del pipe
         free_memory()
+    return tokens
+
+
+@torch.no_grad()
+def generate(transformer, vae, family: str, prompt_embeds: list[torch.Tensor], negative: torch.Tensor, *,
+             size: int, steps: int, guidance: float, seed: int, dtype: torch.dtype):
+    """One PIL image per prompt embedding (L, D): `sample_tokens`, decoded by the VAE."""
+    latents = sample_tokens(transformer, vae, family, prompt_embeds, negative, size=size, steps=steps,
+                            guidance=guidance, seed=seed, dtype=dtype)
+    processor = build_pipeline(transformer, vae, family).image_processor  # the pipeline's own postprocessing
+    images = []
+    vae_param = next(vae.parameters())
+    for tokens in latents:
+        # Decoded here, in the VAE's own dtype: it may differ from the transformer's (an fp32 VAE beside bf16).
+        latent = decoder_latents(vae, tokens.to(vae_param.device, vae_param.dtype), size // 16, size // 16)
+        pixels = vae.decode(latent, return_dict=False)[0]
+        images += processor.postprocess(pixels, output_type="pil")
+    free_memory()
     return images
 
 
