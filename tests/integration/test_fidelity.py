@@ -42,7 +42,6 @@ RESOLUTION = 64                     # one 64 x 64 bucket: images are cached as t
 CAPTIONS = ("zxq ring, an orange ring on grey", "zxq, a small blue square")
 GUIDANCE = 4.0                      # [klein]: CFG scale against the empty prompt; [dev]: the embedded guidance
 SAMPLE = {"seed": 1234, "steps": 8, "size": RESOLUTION, "cfg": GUIDANCE}
-COMFYUI_TIMEOUT_S = 600
 LIMITS = {"lora": 1e-6, "denoiser": 1e-4, "text": 1e-5, "latent": 1e-5, "sample": 1e-4}
 MEASURED: dict[tuple[str, str], float] = {}
 OVERRIDES: dict[str, list[str]] = {}  # what ComfyUI's side changed to fit the tiny models (comfyui_fidelity.py)
@@ -180,8 +179,8 @@ def comfyui(trained, tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the repo root would shadow ComfyUI's nodes.py
     command = [sys.executable, str(HERE / "comfyui_fidelity.py"), os.environ["COMFYUI_DIR"],
                str(work / "request.json"), str(work)]
-    done = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=COMFYUI_TIMEOUT_S,
-                          check=False)
+    # No time limit of its own: ~15 s here, and the suite's per-test guard (pytest-timeout) catches a hang.
+    done = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         pytest.fail(f"ComfyUI's side failed (exit {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}",
                     pytrace=False)
