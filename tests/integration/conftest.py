@@ -7,7 +7,8 @@ folder is reported as skipped with the reason. A server that starts but never an
 with its log in the message.
 
 The server gets a fresh base directory (custom_nodes, input, output, user, temp), the pack as a
-symlink named like a user's clone (with a hyphen: "ComfyUI-Flux2-LoRA"), a free port on 127.0.0.1,
+symlink named like a user's clone (with a hyphen: "ComfyUI-Flux2-LoRA") beside the test-only tiny_loaders
+nodes, a free port on 127.0.0.1,
 an in-memory database, no API nodes and offline model hubs. It is stopped by its PID at the end.
 
 Waits have no fixed length. A loaded 2-core machine can take minutes over work a laptop does in
@@ -43,6 +44,7 @@ import pytest
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 LAUNCHER = HERE / "comfyui_launcher.py"
+TINY_LOADERS = HERE / "tiny_loaders"
 PACK_FOLDER = "ComfyUI-Flux2-LoRA"  # what users clone it as; the hyphen makes it no valid module name
 STALL_FLOOR_S = 120  # silence allowed in any case: a first engine import or model load reports no progress
 STALL_STEPS = 20     # silence allowed, in measured steps
@@ -218,6 +220,8 @@ def comfyui(tmp_path_factory) -> Server:
     for folder in ("custom_nodes", "input", "output", "temp", "user"):
         (base / folder).mkdir()
     (base / "custom_nodes" / PACK_FOLDER).symlink_to(REPO, target_is_directory=True)
+    # Test-only loaders for the tiny text encoders and VAE, which ComfyUI's stock loaders cannot size (see there).
+    (base / "custom_nodes" / TINY_LOADERS.name).symlink_to(TINY_LOADERS, target_is_directory=True)
     port = _free_port()
     command = [sys.executable, "-u", str(LAUNCHER), os.environ["COMFYUI_DIR"], "--cpu", "--listen", "127.0.0.1",
                "--port", str(port), "--base-directory", str(base), "--disable-api-nodes",
