@@ -210,11 +210,14 @@ class TrainConfig(_Section):
 
 @dataclass(frozen=True)
 class SampleConfig(_Section):
-    every: int = option(0, "sample images every N steps; 0: only after training", min=0)
+    every: int = option(0, "sample images every N steps; 0: only after training (none with sample.steps=0)", min=0)
     at_start: bool = option(False, "also sample before the first step (the base model)")
     prompts: tuple[str, ...] = option((), "prompts separated by '|'; empty: the first two training captions",
                                       check=_prompts, sep="|")
-    steps: int = option(20, "denoising steps per sample", min=1)
+    # 0 switches sampling off (no every-N, start or final samples): on a slow machine one sample can take longer
+    # than a short run. A number rather than a new flag, so run.json of older runs (steps >= 1) loads unchanged.
+    steps: int = option(20, "denoising steps per sample; 0: no samples at all (sample.every and sample.at_start "
+                        "are then ignored)", min=0)
     guidance: float = option(4.0, "guidance scale ([klein] base: classifier-free; [dev]: embedded)", min=0)
     resolution: int = option(0, "sample side in pixels; 0: the last data.resolution", min=0)
     seed: int = option(0, "noise seed: the same across samples, so they are comparable")

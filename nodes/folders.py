@@ -31,6 +31,15 @@ NAME_CHARACTERS = set('/\\:*?"<>|')
 MODEL_FOLDERS = {"path": ("diffusion_models", "diffusers"), "vae": ("vae",), "text_encoder": ("text_encoders",),
                  "tokenizer": ("text_encoders", "")}
 
+# Load Training Model's pickers: vae/text_encoder may come from the diffusers folder `path` names
+FROM_DIFFUSERS = "(from the diffusers folder)"
+# The names ComfyUI's own FLUX.2 templates download, by family: picked by default when present
+STANDARD_FILES = {"klein": {"path": "flux-2-klein-base-4b.safetensors", "vae": "flux2-vae.safetensors",
+                            "text_encoder": ("qwen_3_4b.safetensors",)},
+                  "dev": {"path": "flux2_dev_fp8mixed.safetensors", "vae": "flux2-vae.safetensors",
+                          "text_encoder": ("mistral_3_small_flux2_fp8.safetensors",
+                                           "mistral_3_small_flux2_bf16.safetensors")}}
+
 log = logging.getLogger(__name__)
 
 
@@ -97,6 +106,34 @@ def model_path(key: str, text: str) -> str:
         raise ConfigError([(key, f"{name!r} is not in ComfyUI's {where} folders: put it there (or give an absolute "
                                  "path in a folder the server's owner allowed)")])
     return found
+
+
+def diffusers_folders() -> list[str]:
+    """Folders under models/diffusers holding a model_index.json (as ComfyUI's DiffusersLoader finds them),
+    relative to that folder."""
+    found = []
+    for root in folder_paths.get_folder_paths("diffusers"):
+        for here, folders, files in os.walk(root, followlinks=True):
+            if "model_index.json" in files:
+                found.append(os.path.relpath(here, root))
+                folders.clear()   # a pipeline's own sub-folders are its parts, not more models
+    return sorted(found)
+
+
+def model_choices() -> dict[str, tuple[list[str], str | None]]:
+    """Load Training Model's combos, {input: (options, default)}, read afresh each time ComfyUI asks (a file copied
+    in shows up on the next refresh, as in its own loaders). The default is the standard FLUX.2 file when present
+    ([klein] first, the text encoder of the transformer's family), else None: the combo's first option. An empty
+    models folder is an empty list, as ComfyUI's loaders show it."""
+    options = {"path": folder_paths.get_filename_list("diffusion_models") + diffusers_folders(),
+               "vae": [FROM_DIFFUSERS, *folder_paths.get_filename_list("vae")],
+               "text_encoder": [FROM_DIFFUSERS, *folder_paths.get_filename_list("text_encoders")]}
+    present = [f for f in STANDARD_FILES.values() if f["path"] in options["path"]] or list(STANDARD_FILES.values())
+    encoders = [e for family in present for e in family["text_encoder"]] + [
+        e for family in STANDARD_FILES.values() for e in family["text_encoder"]]
+    defaults = {"path": present[0]["path"], "vae": present[0]["vae"],
+                "text_encoder": next((e for e in encoders if e in options["text_encoder"]), None)}
+    return {key: (values, defaults[key] if defaults[key] in values else None) for key, values in options.items()}
 
 
 def runs_folder(*parts: str) -> str:

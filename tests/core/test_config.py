@@ -18,6 +18,7 @@ from flux2_lora_core.config import (
     DataConfig,
     ModelConfig,
     OutputConfig,
+    PRESETS,
     check_paths,
     config_from_dict,
     default_cache_dir,
@@ -201,6 +202,19 @@ def test_wrong_types_say_what_was_given_and_what_is_expected(tmp_path):
     assert "got inf" in found["data.max_aspect"]
     assert "got [1]" in found["data.caption_extensions"]
     assert found["cache.batch_size"] == "expected a whole number, got 2.5"
+
+
+def test_presets_set_valid_keys_under_the_users_values():
+    """A preset is a base: every key it sets is a real one, and the user's file and overrides win over it."""
+    for name, preset in PRESETS.items():
+        assert load_config(base=preset).to_dict()["lora"]["rank"] == preset["lora"]["rank"], name
+    cfg = load_config(overrides=["lora.rank=4", "train.caption_dropout=0"], base=PRESETS["style"])
+    assert (cfg.lora.rank, cfg.train.caption_dropout, cfg.train.steps, cfg.data.flip) == (4, 0.0, 2000, True)
+
+
+def test_sample_steps_zero_means_no_samples_and_negative_is_refused():
+    assert load_config(overrides=["sample.steps=0", "sample.every=100"]).sample.steps == 0
+    assert "must be at least 0" in problems(overrides=["sample.steps=-1"])["sample.steps"]
 
 
 def test_out_of_range_and_bad_choices():

@@ -1,7 +1,8 @@
 """Attacks over ComfyUI's API, as any client of a `--listen` server can send them, against the pack's nodes.
 
 Each attack is a real POST /prompt to the real server. A literal that leads out is refused when the prompt is
-queued (HTTP 400, the node's error naming the input), so nothing runs; a path that arrives through a link is
+queued (HTTP 400, the node's error naming the input), so nothing runs; a model picker (a combo) is refused by ComfyUI
+itself when the name is not one of its listed files; a path that arrives through a link is
 refused by the node when it runs (an execution_error naming the input), before any model loads. Outside the
 server's base directory lie a canary dataset (files named with CANARY), a model-like file and a tokenizer folder:
 no response, history entry or log line ever names a canary file, and nothing is written outside ComfyUI's
@@ -23,6 +24,8 @@ pytestmark = pytest.mark.integration
 CANARY = f"canary{uuid.uuid4().hex[:12]}"  # in the names of files planted outside: must never be shown
 WRITTEN = f"written{uuid.uuid4().hex[:12]}"  # in every name an attack tries to create: must never exist
 ALLOWED_ROOTS = Path("user", "__flux2_lora", "allowed_roots.txt")  # under the server's base directory
+MODEL_FILES = {"diffusion_models": "sec_transformer.safetensors", "vae": "sec_vae.safetensors",
+               "text_encoders": "sec_text_encoder.safetensors"}
 
 
 def image(path: Path, seed: int) -> None:
@@ -42,6 +45,9 @@ def world(comfyui, tmp_path_factory):
     (outside / "tokenizer" / f"{CANARY}_tokenizer.json").parent.mkdir()
     (outside / "tokenizer" / f"{CANARY}_tokenizer.json").write_text("{}", encoding="utf-8")
     image(outside / "allowed" / "shared_set" / "shared_1.png", 3)  # for the allowed-roots test only
+    for folder, name in MODEL_FILES.items():  # the pickers list these; never loaded (no attacked prompt runs)
+        (comfyui.base / "models" / folder).mkdir(parents=True, exist_ok=True)
+        (comfyui.base / "models" / folder / name).touch()
 
     inputs = comfyui.input_dir
     image(inputs / "sec_ok" / "own_1.png", 4)
@@ -71,7 +77,7 @@ def assert_nothing_leaked(comfyui, world, *texts) -> None:
 
 def training_graph(**changes) -> dict:
     """Load Dataset -> Load Training Model -> Cache Latents, Configure LoRA -> Train -> Save LoRA, every input safe
-    (the model files need not exist: a refused prompt never runs); `changes` are {"node.input": value}."""
+    (the model files are empty ones `world` plants: a refused prompt never runs); `changes` are {"node.input": value}."""
     graph = {
         "1": {"class_type": "Flux2LoraLoadDataset",
               "inputs": {"folder": "sec_ok", "caption_extensions": "txt", "trigger_word": "", "repeats": 1,
@@ -107,16 +113,22 @@ def dataset_graph(folder) -> dict:
                   "inputs": {"dataset": ["1", 0], "strict": False, "min_images": 1, "resolution": 256}}}
 
 
-def refused_at_queue(comfyui, prompt: dict, node: str, name: str) -> str:
+def refused_at_queue(comfyui, prompt: dict, node: str, name: str, *, by_list: bool = False) -> str:
     """POST /prompt must refuse `node` with an error naming input `name`; returns what the server said.
+    `by_list`: the input is a combo, which ComfyUI refuses itself ("Value not in list") before the pack sees it.
 
     ComfyUI answers 400 when no output node is left valid. When another output is (Train, for an attack on Save
     LoRA), it answers 200 with the refused node in node_errors and runs only the rest: the node must not run."""
     status, body = comfyui.request("/prompt", {"prompt": prompt, "client_id": comfyui.client_id})
     text = body.decode(errors="replace")
     assert status in (200, 400), f"HTTP {status}: {text[:3000]}"
-    details = " ".join(e.get("details", "") for e in json.loads(body)["node_errors"][node]["errors"])
-    assert f"`{name}`" in details and "Traceback" not in details, details
+    errors = json.loads(body)["node_errors"][node]["errors"]
+    details = " ".join(e.get("details", "") for e in errors)
+    if by_list:
+        assert any(e["type"] == "value_not_in_list" and e["extra_info"]["input_name"] == name for e in errors), errors
+    else:
+        assert f"`{name}`" in details, details
+    assert "Traceback" not in details, details
     if status == 200:
         entry = comfyui.wait(json.loads(body)["prompt_id"])
         ran = {data.get("node") for event, data in entry["status"]["messages"] if event == "executed"}
@@ -196,12 +208,12 @@ def test_a_folder_becomes_readable_only_once_the_owner_allows_it(comfyui, world)
 def test_a_model_path_outside_the_model_folders_is_refused(comfyui, world, name, attack):
     outside = world["outside"] / ("tokenizer" if name == "tokenizer" else "weights.safetensors")
     value = str(outside) if attack == "absolute" else "../../../../../../../.." + str(outside)
-    text = refused_at_queue(comfyui, training_graph(**{f"2.{name}": value}), "2", name)
+    text = refused_at_queue(comfyui, training_graph(**{f"2.{name}": value}), "2", name, by_list=name != "tokenizer")
     assert_nothing_leaked(comfyui, world, text)
 
 
 def test_a_model_path_coming_through_a_link_is_refused_before_anything_loads(comfyui, world):
-    prompt = training_graph(**{"2.path": "", "2.vae": "", "2.text_encoder": "", "2.tokenizer": ["9", 0]})
+    prompt = training_graph(**{"2.tokenizer": ["9", 0]})
     prompt["9"] = {"class_type": "PrimitiveString", "inputs": {"value": str(world["outside"] / "tokenizer")}}
     error, text = execution_error(comfyui, prompt)
     assert error["node_type"] == "Flux2LoraLoadTrainingModel" and "`tokenizer`" in error["exception_message"]

@@ -83,6 +83,15 @@ def test_a_run_writes_every_output_and_reports_progress(workspace, tmp_path):
     assert all(torch.equal(lora[k], second[k]) for k in lora)
 
 
+def test_sample_steps_zero_switches_every_sample_off(workspace, tmp_path):
+    """On a slow machine one sample can outlast a short run: sample.steps=0 skips the start, every-N and final ones."""
+    recorder = Recorder()
+    result = trainer.train(make_config(workspace, tmp_path, "train.steps=2", "sample.steps=0", "sample.every=1",
+                                       "sample.at_start=true"), recorder)
+    assert result.steps == 2 and result.lora_path.exists() and not result.stopped_early
+    assert recorder.samples == [] and result.samples == [] and not (result.run_dir / "samples").exists()
+
+
 def test_fixed_noise_overfit_loss_falls(workspace, tmp_path):
     """The real step and optimizer on one batch with the same noise and timestep every step."""
     config = make_config(workspace, tmp_path, "train.steps=40", "train.lr=2e-3", "train.max_grad_norm=0",
