@@ -16,6 +16,11 @@ from .training_nodes import CacheLatents, ConfigureLora, LoadTrainingModel, Save
 
 
 class Flux2LoraExtension(ComfyExtension):
+    async def on_load(self) -> None:
+        from .events import add_routes
+
+        add_routes()  # the "Stop and save" button's route; ComfyUI adds its routes to the app after loading packs
+
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [LoadDataset, ValidateDataset, LoadTrainingModel, CacheLatents, ConfigureLora, Train, SaveLora]
 

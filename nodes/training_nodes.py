@@ -20,43 +20,50 @@ from comfy import model_management
 from comfy_api.latest import io, ui
 from safetensors.torch import load_file
 
-from ..flux2_lora_core.config import SCHEDULES, Config, ModelConfig, config_from_dict
+from ..flux2_lora_core.config import Config, ModelConfig, config_from_dict
 from ..flux2_lora_core.errors import Flux2LoraError
+from . import lora_settings
 from .dataset_nodes import CATEGORY
-from .folders import (cache_folder, inside_output, lora_file_name, model_path, read_roots, run_name, run_to_resume,
-                      runs_folder)
+from .folders import (FROM_DIFFUSERS, cache_folder, inside_output, lora_file_name, model_choices, model_path, read_roots,
+                      run_name, run_to_resume, runs_folder)
 from .sockets import Cache, Dataset, LoraConfig, Model, Run, check_values, refuse_at_queue
 
 
 class LoadTrainingModel(io.ComfyNode):
+    """Pickers over ComfyUI's own model folders, so a user picks the files its FLUX.2 templates downloaded. ComfyUI
+    checks a picked name against the list when the prompt is queued: a name from elsewhere never reaches `execute`
+    (which confines the path again, for a value that came through a link)."""
+
     @classmethod
     def define_schema(cls) -> io.Schema:
+        choices = model_choices()
         return io.Schema(
             node_id="Flux2LoraLoadTrainingModel",
             display_name="Load Training Model (FLUX.2 LoRA)",
             category=CATEGORY,
             description="The FLUX.2 files to train on: nothing is loaded until Cache Latents / Train need it.",
             inputs=[
-                io.String.Input("path", default="", tooltip="Transformer file in models/diffusion_models (e.g. flux-2-klein-base-4b.safetensors), or a diffusers folder in models/diffusers."),
-                io.String.Input("vae", default="", tooltip="File in models/vae (flux2-vae.safetensors); empty: the diffusers folder's."),
-                io.String.Input("text_encoder", default="", tooltip="File in models/text_encoders (qwen_3_4b.safetensors for [klein]); empty: the diffusers folder's."),
-                io.String.Input("tokenizer", default="", tooltip="Tokenizer folder in models/text_encoders or models/ (e.g. 'tokenizer' for models/tokenizer); empty: the one inside the text-encoder file ([dev]), beside it or in the diffusers folder, else ComfyUI's own qwen25_tokenizer ([klein])."),
-                io.Combo.Input("variant", options=["auto", "flux2-dev", "flux2-klein-4b", "flux2-klein-9b"], default="auto"),
-                io.Combo.Input("dtype", options=["auto", "bf16", "fp16", "fp32"], default="auto"),
+                io.Combo.Input("path", options=choices["path"][0], default=choices["path"][1], tooltip="The FLUX.2 transformer: a file in models/diffusion_models (flux-2-klein-base-4b.safetensors for [klein] 4B, flux2_dev_fp8mixed.safetensors for [dev]) or a diffusers folder in models/diffusers (one with a model_index.json). Train the base model, not a distilled one."),
+                io.Combo.Input("vae", options=choices["vae"][0], default=choices["vae"][1], tooltip=f"A file in models/vae: flux2-vae.safetensors (the same for [klein] and [dev]). '{FROM_DIFFUSERS}': the vae/ inside the diffusers folder `path` names."),
+                io.Combo.Input("text_encoder", options=choices["text_encoder"][0], default=choices["text_encoder"][1], tooltip=f"A file in models/text_encoders: qwen_3_4b.safetensors for [klein] 4B, mistral_3_small_flux2_fp8.safetensors (or _bf16) for [dev]. '{FROM_DIFFUSERS}': the text_encoder/ inside the diffusers folder `path` names."),
+                io.Combo.Input("variant", options=["auto", "flux2-dev", "flux2-klein-4b", "flux2-klein-9b"], default="auto", tooltip="Which FLUX.2 model the files are; auto reads it from the weights (leave it on auto)."),
+                io.Combo.Input("dtype", options=["auto", "bf16", "fp16", "fp32"], default="auto", tooltip="Weight precision while training; auto: bf16 on a GPU that supports it, else fp32."),
                 io.Combo.Input("text_conditioning", options=["comfyui", "diffusers"], default="comfyui", tooltip="Whose prompt encoding the LoRA is trained on; comfyui for LoRAs used in ComfyUI."),
+                io.String.Input("tokenizer", default="", optional=True, advanced=True, tooltip="Usually empty: [klein] uses ComfyUI's own qwen25_tokenizer, [dev] the one inside its text-encoder file, a diffusers folder its own. Only for models that need another: a tokenizer folder in models/text_encoders or models/ (e.g. 'tokenizer' for models/tokenizer)."),
             ],
             outputs=[Model.Output(display_name="model")],
         )
 
     @classmethod
-    def validate_inputs(cls, path=None, vae=None, text_encoder=None, tokenizer=None):
-        files = dict(path=path, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
-        return refuse_at_queue(cls, paths=[(partial(model_path, key), text) for key, text in files.items()])
+    def validate_inputs(cls, tokenizer=None):
+        # Only the free-text input: naming path/vae/text_encoder here would turn off ComfyUI's own list check.
+        return refuse_at_queue(cls, paths=[(partial(model_path, "tokenizer"), tokenizer)])
 
     @classmethod
-    def execute(cls, path, vae, text_encoder, tokenizer, variant, dtype, text_conditioning) -> io.NodeOutput:
+    def execute(cls, path, vae, text_encoder, variant, dtype, text_conditioning, tokenizer="") -> io.NodeOutput:
         files = dict(path=path, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
-        return io.NodeOutput(ModelConfig(**{key: model_path(key, text) for key, text in files.items()},
+        return io.NodeOutput(ModelConfig(**{key: model_path(key, "" if text == FROM_DIFFUSERS else text)
+                                            for key, text in files.items()},
                                          variant=variant, dtype=dtype, text_conditioning=text_conditioning))
 
 
@@ -95,52 +102,32 @@ class CacheLatents(io.ComfyNode):
             trigger_word=dataset.trigger_word, repeats=dataset.repeats, recursive=dataset.recursive,
             resolution=resolution, buckets=buckets, max_aspect=max_aspect, flip=flip, confine_to=list(read_roots())))
         free_comfy_memory()
-        cache, _ = cache_for_config(config, progress=ComfyProgress().on_progress)
-        return io.NodeOutput(config, ui=ui.PreviewText(cache.summary.format_text()))
+        with ComfyProgress("cache") as progress:
+            progress.on_phase("caching")
+            cache, _ = cache_for_config(config, progress=progress.on_progress)
+            summary = progress.finish("done", cache.summary.format_text(), **cache_counts(cache.summary))
+        return io.NodeOutput(config, ui=ui.PreviewText(summary))
 
 
 class ConfigureLora(io.ComfyNode):
+    """Every setting a user tunes; lora_settings.py maps each widget to its config key and applies the preset."""
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="Flux2LoraConfigureLora",
             display_name="Configure LoRA (FLUX.2 LoRA)",
             category=CATEGORY,
-            description="Every training setting in one place; the names are the CLI's keys (lora.rank, train.lr, ...).",
-            inputs=[
-                io.Int.Input("rank", default=16, min=1, max=256),
-                io.Float.Input("alpha", default=16.0, min=0.01, max=1024.0, step=0.5),
-                io.String.Input("targets", default="attention_mlp", tooltip="attention | attention_mlp | module names 'to_q,to_k' | 'regex:<pattern>'"),
-                io.Combo.Input("optimizer", options=["adamw", "adamw8bit", "sgd"], default="adamw"),
-                io.Float.Input("lr", default=1e-4, min=1e-7, max=1.0, step=1e-5, round=False),
-                io.Combo.Input("lr_scheduler", options=list(SCHEDULES), default="constant"),
-                io.Int.Input("warmup_steps", default=0, min=0, max=100000),
-                io.Int.Input("steps", default=1000, min=1, max=1000000),
-                io.Int.Input("batch_size", default=1, min=1, max=64),
-                io.Int.Input("gradient_accumulation", default=1, min=1, max=256),
-                io.Combo.Input("timestep_sampling", options=["logit_normal", "uniform", "mode"], default="logit_normal"),
-                io.Float.Input("caption_dropout", default=0.0, min=0.0, max=0.99, step=0.01),
-                io.Boolean.Input("gradient_checkpointing", default=True, tooltip="Much less memory for ~40% more time."),
-                io.Int.Input("seed", default=42, min=0, max=2**31 - 1, control_after_generate=False),
-                io.Int.Input("sample_every", default=0, min=0, max=1000000, tooltip="Sample images every N steps; 0: only after training."),
-                io.String.Input("sample_prompts", default="", multiline=True, tooltip="One prompt per line; empty: the first two training captions."),
-                io.Int.Input("checkpoint_every", default=500, min=0, max=1000000, tooltip="Resumable checkpoint every N steps (and always at the end)."),
-            ],
+            description="Every training setting in one place; the names are the CLI's keys (lora.rank, train.lr, sample_steps is sample.steps, ...). A preset fills in the widgets left at their defaults.",
+            inputs=lora_settings.inputs(),
             outputs=[LoraConfig.Output(display_name="lora_config")],
         )
 
     @classmethod
-    def execute(cls, rank, alpha, targets, optimizer, lr, lr_scheduler, warmup_steps, steps, batch_size,
-                gradient_accumulation, timestep_sampling, caption_dropout, gradient_checkpointing, seed, sample_every,
-                sample_prompts, checkpoint_every) -> io.NodeOutput:
-        sections = {"lora": dict(rank=rank, alpha=alpha, targets=targets),
-                    "train": dict(optimizer=optimizer, lr=lr, lr_scheduler=lr_scheduler, warmup_steps=warmup_steps,
-                                  steps=steps, batch_size=batch_size, gradient_accumulation=gradient_accumulation,
-                                  timestep_sampling=timestep_sampling, caption_dropout=caption_dropout,
-                                  gradient_checkpointing=gradient_checkpointing, seed=seed),
-                    "sample": dict(every=sample_every, prompts=[p for p in sample_prompts.splitlines() if p.strip()]),
-                    "checkpoint": dict(every=checkpoint_every)}
-        config_from_dict(sections)  # every bad value reported now, by its widget's name
+    def execute(cls, **widgets) -> io.NodeOutput:
+        defaults = {i.id: i.default for i in cls.define_schema().inputs}
+        sections = lora_settings.sections(widgets, defaults)
+        config_from_dict(sections)  # every bad value reported now, by its key (the widget's name)
         return io.NodeOutput(sections)
 
 
@@ -151,7 +138,7 @@ class Train(io.ComfyNode):
             node_id="Flux2LoraTrain",
             display_name="Train (FLUX.2 LoRA)",
             category=CATEGORY,
-            description="Trains the LoRA. Cancel finishes the step and writes a resumable checkpoint. The LoRA output goes straight into 'Load LoRA Model'.",
+            description="Trains the LoRA. 'Stop and save' (on the node) finishes the step, writes a resumable checkpoint and returns the LoRA so far; Cancel does the same but ends the prompt. The LoRA output goes straight into 'Load LoRA Model'.",
             inputs=[
                 Cache.Input("cache"),
                 LoraConfig.Input("lora_config"),
@@ -174,25 +161,37 @@ class Train(io.ComfyNode):
 
     @classmethod
     def execute(cls, cache, lora_config, name, resume="") -> io.NodeOutput:
-        from ..flux2_lora_core.resume import resume as resume_run
-        from ..flux2_lora_core.training import train
         from .progress import ComfyProgress
 
         check_values(cache=cache, lora_config=lora_config)
-        config = cache.replace(output={"dir": runs_folder(), "name": run_name(name)}, **lora_config)
-        run, progress = run_to_resume(resume) if resume.strip() else None, ComfyProgress()
-        free_comfy_memory()
-        if run:  # the run's config; what this graph sets (its files and widgets) wins, each change logged
-            graph = {**{k: v for k, v in cache.to_dict().items() if k in ("model", "data", "cache")}, **lora_config}
-            updates = {f"{s}.{k}": v for s, values in graph.items() for k, v in values.items()}
-            result = resume_run(run, updates=updates, callbacks=progress)
-        else:
-            result = train(config, progress)
-        if result.stopped_early:
-            raise model_management.InterruptProcessingException()   # after the checkpoint: resume continues it
+        with ComfyProgress("train") as progress:
+            result = run_training(cache, lora_config, name, resume, progress)
+            summary = progress.finish_training(result)   # after Cancel: says so, then raises (checkpoint written)
         return io.NodeOutput(load_file(result.lora_path), {"loss": run_losses(result.run_dir)},
-                             {"run": str(result.run_dir), "lora": str(result.lora_path)},
-                             ui=ui.PreviewText(f"{result.steps} steps; LoRA {result.lora_path}"))
+                             {"run": str(result.run_dir), "lora": str(result.lora_path)}, ui=ui.PreviewText(summary))
+
+
+def run_training(cache: Config, lora_config: dict, name: str, resume: str, progress):
+    """The engine's `train` (or `resume`) for Train's sockets: the same run folder, checkpoints and resume as the
+    CLI. On resume the run's own config is the base; what this graph sets wins, each change logged."""
+    from ..flux2_lora_core.resume import resume as resume_run
+    from ..flux2_lora_core.training import train
+
+    config = cache.replace(output={"dir": runs_folder(), "name": run_name(name)}, **lora_config)
+    run = run_to_resume(resume) if resume.strip() else None
+    free_comfy_memory()
+    if run:
+        graph = {**{k: v for k, v in cache.to_dict().items() if k in ("model", "data", "cache")}, **lora_config}
+        updates = {f"{s}.{k}": v for s, values in graph.items() for k, v in values.items()}
+        return resume_run(run, updates=updates, callbacks=progress)
+    return train(config, progress)
+
+
+def cache_counts(summary) -> dict:
+    """Cache Latents' summary as numbers for the browser."""
+    return {"images_encoded": summary.images_encoded, "images_reused": summary.images_reused,
+            "captions_encoded": summary.captions_encoded, "captions_reused": summary.captions_reused,
+            "mib_on_disk": round(summary.bytes_on_disk / 2**20, 2), "skipped": len(summary.skipped)}
 
 
 def run_losses(run_dir: Path) -> list[float]:
@@ -235,7 +234,7 @@ class SaveLora(io.ComfyNode):
     def execute(cls, run, filename) -> io.NodeOutput:
         check_values(run=run)
         path = save_to_loras(Path(inside_output(run["lora"], "run")), filename)
-        return io.NodeOutput(str(path), ui=ui.PreviewText(f"saved {path}"))
+        return io.NodeOutput(str(path), ui=ui.PreviewText(f"saved as {path.name}: Load LoRA lists it under that name"))
 
 
 def save_to_loras(source: Path, filename: str) -> Path:

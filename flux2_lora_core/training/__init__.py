@@ -4,7 +4,7 @@ the learning-rate range test and the state a checkpoint captures. Above cache/, 
 from ..exports import lazy_exports
 
 __getattr__, __dir__, __all__ = lazy_exports(__name__, {
-    "callbacks": ("Callbacks", "StepReport"),
+    "callbacks": ("PHASES", "Callbacks", "StepReport"),
     "lr_finder": ("run_range_test",),
     "metrics": ("read_metrics",),
     "run_folder": ("new_run_dir",),

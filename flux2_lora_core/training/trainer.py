@@ -5,8 +5,8 @@ only if something changed and are released before the transformer loads), the tr
 LoRA, the optimizer and schedule are built. `train_loop` is then only the FLUX.2 flow-matching step
 (flow_matching.py) repeated, with gradient accumulation, clipping, mixed precision and logging.
 
-Callers follow a run through `Callbacks` (callbacks.py: on_step, should_stop, on_sample): the CLI maps it to a
-progress bar and Ctrl+C, the ComfyUI node to its progress bar and Cancel button. A fixed
+Callers follow a run through `Callbacks` (callbacks.py: on_phase, on_step, should_stop, on_sample): the CLI maps
+it to a progress bar and Ctrl+C, the ComfyUI node to its progress bar, live events, Cancel and "Stop and save". A fixed
 `train.seed` gives the same run twice: the LoRA init, the data order, flips, caption dropout, noise
 and timesteps all come from generators seeded from it (noise is drawn on the CPU, so the stream does
 not depend on the device).
@@ -92,6 +92,14 @@ def _sample_prompts(config: Config, cache) -> tuple[list[str], list[torch.Tensor
     return [cache.items[i].path for i in chosen], [cache.text(i) for i in chosen]
 
 
+def announce(callbacks, phase: str) -> None:
+    """callbacks.on_phase(phase), also for callbacks objects that duck-type the older protocol without it (the CLI's
+    TrainingBar, a library user's own class): a new optional callback must not break them."""
+    on_phase = getattr(callbacks, "on_phase", None)
+    if on_phase is not None:
+        on_phase(phase)
+
+
 def setup(config: Config, callbacks: Callbacks, encoders=None, transformer=None, *, resume=None) -> Session:
     """Cache, model, LoRA, optimizer: everything before the first step. `encoders`/`transformer` may be
     given already loaded (tests, the demo, a ComfyUI graph); otherwise they load from config.model.
@@ -101,6 +109,7 @@ def setup(config: Config, callbacks: Callbacks, encoders=None, transformer=None,
 
     check_training_config(config)
     t, given = config.train, transformer is not None
+    announce(callbacks, "caching")
     cache, encoders = cache_for_config(config, encoders=encoders, progress=callbacks.on_progress,
                                        prompts=config.sample.prompts)
     prompts, embeds = _sample_prompts(config, cache)
@@ -115,6 +124,7 @@ def setup(config: Config, callbacks: Callbacks, encoders=None, transformer=None,
 
     device = choose_device(config.model.device)
     dtype = choose_dtype(config.model.dtype, device)
+    announce(callbacks, "loading")
     if transformer is None:
         transformer, variant = load_transformer(config.model.path, variant=config.model.variant, dtype=dtype,
                                                 device=device)
@@ -258,6 +268,9 @@ def sample(s: Session, callbacks: Callbacks) -> None:
     from .sampling import generate, save_samples
 
     c = s.config.sample
+    if not c.steps:  # sample.steps=0: sampling is off, at every point the loop would sample
+        return
+    announce(callbacks, "sampling")
     size = c.resolution or s.config.data.resolution[-1]
     with s.encoders.vae() as vae:
         images = generate(s.transformer, vae, s.variant.family, s.sample_embeds, s.cache.text(None), size=size,
@@ -274,6 +287,7 @@ def train_loop(s: Session, callbacks: Callbacks) -> bool:
         sample(s, callbacks)
     pending: list[tuple[int, torch.Tensor, float, float]] = []      # (step, loss, lr, seconds): read at log steps
     started, first_step, last_loss = time.perf_counter(), s.step, None
+    announce(callbacks, "training")
     profiler = _profiler(s)
     if profiler:
         profiler.start()
@@ -293,12 +307,15 @@ def train_loop(s: Session, callbacks: Callbacks) -> bool:
                 profiler.step()
             pending.append((s.step, step_loss, lr, time.perf_counter() - tick))
             checkpoint_now = s.config.checkpoint.every and s.step % s.config.checkpoint.every == 0
+            logged = ()
             if log_now or checkpoint_now:   # a checkpoint's metrics.jsonl must hold every step before it
                 batch, pending = pending, []
-                last_loss = _log(s, batch, norm if log_now else None)
+                logged = tuple(zip([step for step, *_ in batch], _log(s, batch, norm if log_now else None)))
+                last_loss = logged[-1][1]
             done = s.step - first_step
             rate = done / max(time.perf_counter() - started, 1e-9)
-            callbacks.on_step(StepReport(s.step, t.steps, last_loss, lr, rate, (t.steps - s.step) / rate))
+            callbacks.on_step(StepReport(s.step, t.steps, last_loss, lr, rate, (t.steps - s.step) / rate,
+                                         s.metrics.smoothed_loss(), peak_memory_mb(s.device), logged))
             if s.config.sample.every and s.step % s.config.sample.every == 0 and s.step < t.steps:
                 sample(s, callbacks)
             if checkpoint_now and s.step < t.steps:
@@ -311,8 +328,9 @@ def train_loop(s: Session, callbacks: Callbacks) -> bool:
             profiler.stop()
 
 
-def _log(s: Session, pending, norm) -> float:
-    """Write the metrics of the steps since the last log: one device sync per logging interval."""
+def _log(s: Session, pending, norm) -> list[float]:
+    """Write the metrics of the steps since the last log: one device sync per logging interval. Returns their
+    losses, in step order."""
     losses = torch.stack([loss for _, loss, _, _ in pending]).float().cpu().tolist()
     for (step, _, lr, seconds), loss in zip(pending, losses):
         last = step == pending[-1][0]
@@ -327,7 +345,7 @@ def _log(s: Session, pending, norm) -> float:
         raise TrainingDiverged(f"the loss became {losses[-1]} at step {bad} (lr {pending[-1][2]:.3g}): the LoRA "
                                "weights are no longer usable. Resume from an earlier checkpoint with a lower "
                                "train.lr, or use train.mixed_precision=bf16 instead of fp16")
-    return losses[-1]
+    return losses
 
 
 # ---------------------------------------------------------------------------------------------- save
@@ -382,6 +400,7 @@ def train(config: Config, callbacks: Callbacks | None = None, *, encoders=None, 
             stopped = train_loop(s, callbacks)
             if stopped and s.step == s.start_step:   # stopped before the first step: nothing new to save
                 return TrainingResult(s.run_dir, None, s.step, True, [], [], None)
+            announce(callbacks, "saving")
             save_checkpoint(s)        # at the end, or where a stop request ended the run: resumable either way
             lora_path = save(s)
             curves = plot_training_curves(s.run_dir / "metrics.jsonl", s.run_dir / "training_curves.png",

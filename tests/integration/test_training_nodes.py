@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -46,7 +47,9 @@ def setup(comfyui, tmp_path_factory):
     return models, "training_tests"  # the cache's name: output/flux2_lora/cache/training_tests
 
 
-def graph(models, cache_dir, *, name="ring", steps=4, targets="attention_mlp", resume="", checkpoint_every=2):
+def graph(models, cache_dir, *, name="ring", steps=4, targets="attention_mlp", resume="", checkpoint_every=2,
+          **settings):
+    """The whole graph; `settings` are more Configure LoRA inputs (its optional ones)."""
     files = COMFYUI_FILES["klein"]
     return {
         "1": {"class_type": "Flux2LoraLoadDataset",
@@ -64,7 +67,7 @@ def graph(models, cache_dir, *, name="ring", steps=4, targets="attention_mlp", r
                          "lr_scheduler": "constant", "warmup_steps": 0, "steps": steps, "batch_size": 1,
                          "gradient_accumulation": 1, "timestep_sampling": "logit_normal", "caption_dropout": 0.0,
                          "gradient_checkpointing": False, "seed": 1, "sample_every": 0, "sample_prompts": "",
-                         "checkpoint_every": checkpoint_every}},
+                         "checkpoint_every": checkpoint_every, **settings}},
         "5": {"class_type": "Flux2LoraTrain",
               "inputs": {"cache": ["3", 0], "lora_config": ["4", 0], "name": name, "resume": resume}},
         "6": {"class_type": "Flux2LoraSaveLora", "inputs": {"run": ["5", 2], "filename": name}},
@@ -127,3 +130,67 @@ def test_cancel_writes_a_checkpoint_and_train_resumes_it(comfyui, setup):
     resumed = comfyui.run(graph(models, cache_dir, name="cancelled", steps=stopped + 2, resume="cancelled"))
     assert status(resumed) == "success", json.dumps(resumed["status"], indent=1)[-6000:]
     assert find_checkpoints(metrics.parent)[-1].name == f"step_{stopped + 2:06d}"
+
+
+def test_configure_lora_settings_preset_and_sampling_off_reach_the_run(comfyui, setup):
+    """Optional Configure LoRA inputs land in run.json; the preset fills only widgets left at their default (rank 4
+    and steps 2 are set here, caption_dropout 0.0 is the default); sample_steps 0 makes no sample at all."""
+    entry = comfyui.run(graph(*setup, name="tuned", steps=2, checkpoint_every=0, preset="style", lora_dropout=0.1,
+                              sample_steps=0, sample_every=1, sample_at_start=True, max_grad_norm=0.5,
+                              timestep_shift="none", checkpoint_keep=1, mixed_precision="no"))
+    assert status(entry) == "success", json.dumps(entry["status"], indent=1)[-6000:]
+    run = comfyui.base / "output" / "flux2_lora" / "tuned"
+    config = json.loads((run / "run.json").read_text())["config"]
+    assert (config["lora"]["rank"], config["lora"]["alpha"], config["train"]["steps"]) == (4, 4.0, 2)
+    assert config["train"]["caption_dropout"] == 0.1 and config["lora"]["dropout"] == 0.1    # style preset; widget
+    assert (config["train"]["max_grad_norm"], config["train"]["timestep_shift"]) == (0.5, "none")
+    assert (config["checkpoint"]["keep"], config["train"]["mixed_precision"]) == (1, "no")
+    assert config["sample"]["steps"] == 0 and not (run / "samples").exists()
+
+
+def test_model_pickers_list_the_model_folders_with_the_standard_files_as_defaults(comfyui, setup, to_api_prompt):
+    """Combos over models/diffusion_models + models/diffusers, models/vae and models/text_encoders, read afresh;
+    the standard FLUX.2 names are the defaults once present, and the train template's values are those names."""
+    models, _ = setup
+
+    def pickers() -> dict:
+        info = comfyui.get_json("/object_info/Flux2LoraLoadTrainingModel")["Flux2LoraLoadTrainingModel"]["input"]
+        return {name: (spec[1]["options"], spec[1].get("default")) for name, spec in info["required"].items()
+                if name in ("path", "vae", "text_encoder")}
+
+    files = {key: COMFYUI_FILES["klein"][part].split("/", 1)[1]
+             for key, part in (("path", "transformer"), ("vae", "vae"), ("text_encoder", "text_encoder"))}
+    before = pickers()
+    for key, name in files.items():
+        assert name in before[key][0], (key, before[key])
+    assert before["vae"][0][0] == before["text_encoder"][0][0] == "(from the diffusers folder)"
+    assert before["path"][1] != "flux-2-klein-base-4b.safetensors"
+
+    standard = [models / "diffusion_models" / "flux-2-klein-base-4b.safetensors",
+                models / "vae" / "flux2-vae.safetensors", models / "text_encoders" / "qwen_3_4b.safetensors",
+                models / "text_encoders" / "mistral_3_small_flux2_bf16.safetensors"]
+    pipeline = models / "diffusers" / "tiny_pipeline"
+    try:
+        for path in standard:
+            path.touch()              # empty: listed, never loaded
+        pipeline.mkdir(parents=True)
+        (pipeline / "model_index.json").write_text("{}", encoding="utf-8")
+        (pipeline / "vae").mkdir()
+        (pipeline / "vae" / "model_index.json").write_text("{}", encoding="utf-8")  # a part, not another model
+        after = pickers()
+        assert after["path"][1] == "flux-2-klein-base-4b.safetensors" and after["vae"][1] == "flux2-vae.safetensors"
+        assert after["text_encoder"][1] == "qwen_3_4b.safetensors"          # [klein]'s, for the [klein] default
+        assert "tiny_pipeline" in after["path"][0] and "tiny_pipeline/vae" not in after["path"][0]
+
+        template = comfyui.get_json(
+            "/api/workflow_templates/ComfyUI-Flux2-LoRA/flux2_klein_train_a_lora_and_generate_with_it.json")
+        (node,) = [n for n in template["nodes"] if n["type"] == "Flux2LoraLoadTrainingModel"]
+        prompt = to_api_prompt(template)                   # as the frontend converts it, in input_order
+        assert {k: prompt[str(node["id"])]["inputs"][k] for k in after} == {k: d for k, (_, d) in after.items()}
+        (configure,) = [n for n in prompt.values() if n["class_type"] == "Flux2LoraConfigureLora"]
+        assert (configure["inputs"]["steps"], configure["inputs"]["sample_every"]) == (1500, 0)
+        assert (configure["inputs"]["preset"], configure["inputs"]["compile"]) == ("character", False)
+    finally:
+        for path in standard:
+            path.unlink(missing_ok=True)
+        shutil.rmtree(pipeline, ignore_errors=True)
