@@ -320,8 +320,8 @@ def to_api_prompt(object_info):
         links = {link[0]: link for link in workflow["links"]}
         prompt = {}
         for node in workflow["nodes"]:
-            if node.get("mode", 0) in (2, 4):  # muted / bypassed
-                continue
+            if node.get("mode", 0) in (2, 4) or node["type"] in ("Note", "MarkdownNote"):  # muted / bypassed /
+                continue                                                                # frontend-only notes
             info = object_info[node["type"]]
             inputs, values = {}, list(node.get("widgets_values") or [])
             for name, has_control in widget_names(info):

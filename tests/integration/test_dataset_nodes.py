@@ -71,7 +71,7 @@ def test_missing_folder_is_a_clear_error(comfyui, folder, expected):
 
 def test_example_workflow_runs(comfyui, make_dataset, to_api_prompt):
     make_dataset("my_dataset", count=2)
-    workflow = comfyui.get_json("/api/workflow_templates/ComfyUI-Flux2-LoRA/validate_dataset.json")
+    workflow = comfyui.get_json("/api/workflow_templates/ComfyUI-Flux2-LoRA/flux2_check_a_dataset.json")
     prompt = to_api_prompt(workflow)
     assert prompt["1"]["inputs"]["folder"] == "my_dataset"
     entry = comfyui.run(prompt)

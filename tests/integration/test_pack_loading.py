@@ -52,10 +52,10 @@ def test_validate_dataset_schema(object_info):
 
 def test_example_workflow_is_a_template(comfyui):
     templates = comfyui.get_json("/workflow_templates")
-    assert "validate_dataset" in templates.get(PACK_FOLDER, []), templates
-    workflow = comfyui.get_json(f"/api/workflow_templates/{PACK_FOLDER}/validate_dataset.json")
+    assert "flux2_check_a_dataset" in templates.get(PACK_FOLDER, []), templates
+    workflow = comfyui.get_json(f"/api/workflow_templates/{PACK_FOLDER}/flux2_check_a_dataset.json")
     assert workflow["version"] == 0.4
-    assert {node["type"] for node in workflow["nodes"]} == {"Flux2LoraLoadDataset", "Flux2LoraValidateDataset"}
+    assert {node["type"] for node in workflow["nodes"]} == {"Flux2LoraLoadDataset", "Flux2LoraValidateDataset", "Note"}
 
 
 def test_web_extension_is_served(comfyui):
@@ -78,21 +78,23 @@ def test_web_extension_survives_being_listed_twice(comfyui):
     assert b"app.extensions" in bodies.pop(), "validation_report.js no longer guards against a second import"
 
 
-def test_training_workflow_template_matches_the_node_schemas(comfyui, object_info):
-    """Every node of example_workflows/train_lora.json exists, and its widget values fit the node's widgets."""
+@pytest.mark.parametrize("name", ["flux2_klein_train_a_lora_and_generate_with_it", "flux2_dev_train_a_lora_low_memory",
+                                  "flux2_resume_a_training_run"])
+def test_training_workflow_template_matches_the_node_schemas(comfyui, object_info, name):
+    """Every node of a training template exists, and its widget values fit the node's widgets."""
     templates = comfyui.get_json("/workflow_templates")
-    assert "train_lora" in templates.get(PACK_FOLDER, []), templates
-    workflow = comfyui.get_json(f"/api/workflow_templates/{PACK_FOLDER}/train_lora.json")
+    assert name in templates.get(PACK_FOLDER, []), templates
+    workflow = comfyui.get_json(f"/api/workflow_templates/{PACK_FOLDER}/{name}.json")
     sockets = {"FLUX2_DATASET", "FLUX2_MODEL", "FLUX2_CACHE", "FLUX2_LORA_CONFIG", "FLUX2_RUN", "LORA_MODEL",
                "LOSS_MAP"}
-    for node in workflow["nodes"]:
+    for node in (n for n in workflow["nodes"] if n["type"].startswith("Flux2Lora")):
         info = object_info[node["type"]]
         names = info["input_order"]["required"] + info["input_order"].get("optional", [])
         specs = {**info["input"]["required"], **info["input"].get("optional", {})}
         widgets = [n for n in names if not (isinstance(specs[n][0], str) and specs[n][0] in sockets)]
         assert len(node["widgets_values"]) == len(widgets), (node["type"], widgets, node["widgets_values"])
-        linked = {i["name"] for i in node["inputs"]}
+        linked = {i["name"] for i in node["inputs"] if not i.get("widget")}  # the frontend lists widgets there too
         assert linked == {n for n in names if n not in widgets}, node["type"]
     types = {node["type"] for node in workflow["nodes"]}
-    assert {"Flux2LoraLoadTrainingModel", "Flux2LoraCacheLatents", "Flux2LoraConfigureLora", "Flux2LoraTrain",
-            "Flux2LoraSaveLora", "LossGraphNode"} <= types
+    assert {"Flux2LoraLoadTrainingModel", "Flux2LoraValidateDataset", "Flux2LoraCacheLatents", "Flux2LoraConfigureLora",
+            "Flux2LoraTrain", "Flux2LoraSaveLora", "LossGraphNode", "Note"} <= types

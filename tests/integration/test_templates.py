@@ -1,0 +1,114 @@
+"""Every template in example_workflows/, as the Templates browser serves it, runs end to end on tiny models.
+
+Each is converted to API format the way the frontend's Run converts a graph (conftest's to_api_prompt) and queued
+on the real server. Only what cannot run here changes: the tiny FLUX.2 models lie under the standard file names the
+templates use (so their model widgets stay as shipped), ComfyUI's stock CLIPLoader / VAELoader become the test-only
+tiny loaders (they cannot size the tiny text encoders and VAE), sizes and step counts shrink to seconds, and 8-bit
+AdamW becomes AdamW where bitsandbytes (the quantization extra) is not installed.
+The generation half included: an image is saved with the LoRA the same graph trained.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from flux2_lora_core.data.demo_data import write_demo_dataset
+from flux2_lora_core.models.tiny_models import COMFYUI_FILES, write_tiny_model
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+PACK_FOLDER = "ComfyUI-Flux2-LoRA"
+TEMPLATES = sorted(p.stem for p in (REPO / "example_workflows").glob("*.json"))
+STANDARD = {"klein": {"transformer": "flux-2-klein-base-4b.safetensors", "vae": "flux2-vae.safetensors",
+                      "text_encoder": "qwen_3_4b.safetensors"},
+            "dev": {"transformer": "flux2_dev_fp8mixed.safetensors", "vae": "flux2-vae.safetensors",
+                    "text_encoder": "mistral_3_small_flux2_fp8.safetensors"}}
+FOLDER = {"transformer": "diffusion_models", "vae": "vae", "text_encoder": "text_encoders"}
+SIZE = 64  # pixels: 4 x 4 latent tokens
+DATASET = "template_dataset"  # in input/, in place of the templates' my_dataset (which other tests create)
+# Node inputs set to what runs in seconds on a CPU; inputs a node does not have are left alone.
+SHRINK = {"Flux2LoraConfigureLora": {"steps": 2, "checkpoint_every": 0, "sample_every": 0, "sample_steps": 0,
+                                     "gradient_checkpointing": False},
+          "Flux2LoraLoadTrainingModel": {"dtype": "fp32"},
+          "Flux2LoraLoadDataset": {"folder": DATASET},
+          "Flux2LoraCacheLatents": {"resolution": str(SIZE)},
+          "Flux2LoraValidateDataset": {"resolution": 256},
+          "EmptyFlux2LatentImage": {"width": SIZE, "height": SIZE},
+          "Flux2Scheduler": {"steps": 2, "width": SIZE, "height": SIZE}}
+
+
+@pytest.fixture(scope="module")
+def standard_models(comfyui, tmp_path_factory):
+    """Tiny [klein] and [dev] under the standard names (the VAE is one architecture, so one file serves both);
+    [klein]'s tiny tokenizer beside its text encoder, where the engine looks before ComfyUI's real one."""
+    models = comfyui.base / "models"
+    for variant, names in STANDARD.items():
+        written = tmp_path_factory.mktemp("standard") / variant
+        write_tiny_model(written, variant=variant, fmt="comfyui")
+        for part, name in names.items():
+            target = models / FOLDER[part] / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if not target.exists():
+                (written / COMFYUI_FILES[variant][part]).rename(target)
+        if variant == "klein":
+            for file in (written / "tokenizer").iterdir():
+                if not (models / "text_encoders" / file.name).exists():
+                    file.rename(models / "text_encoders" / file.name)
+    write_demo_dataset(comfyui.input_dir / DATASET, count=2, size=256)
+    return models
+
+
+def runnable(prompt: dict) -> dict:
+    for node in prompt.values():
+        inputs = node["inputs"]
+        if inputs.get("optimizer") == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
+            inputs["optimizer"] = "adamw"  # the [dev] template's 8-bit AdamW needs the quantization extra
+        for name, value in SHRINK.get(node["class_type"], {}).items():
+            if name in inputs:
+                inputs[name] = value
+        if node["class_type"] == "CLIPLoader":
+            node.update(class_type="TinyFlux2CLIPLoader",
+                        inputs={"clip_name": inputs["clip_name"], "tokenizer": "text_encoders"})
+        elif node["class_type"] == "VAELoader":
+            node.update(class_type="TinyFlux2VAELoader", inputs={"vae_name": inputs["vae_name"]})
+    return prompt
+
+
+def test_the_templates_browser_lists_every_template(comfyui):
+    assert set(comfyui.get_json("/workflow_templates")[PACK_FOLDER]) == set(TEMPLATES)
+    for name in TEMPLATES:  # the browser's thumbnail for each
+        status, body = comfyui.request(f"/api/workflow_templates/{PACK_FOLDER}/{name}.jpg")
+        assert status == 200 and body[:2] == b"\xff\xd8", name
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_template_runs_end_to_end_on_tiny_models(comfyui, standard_models, to_api_prompt, name):
+    workflow = comfyui.get_json(f"/api/workflow_templates/{PACK_FOLDER}/{name}.json")
+    notes = [n for n in workflow["nodes"] if n["type"] in ("Note", "MarkdownNote")]
+    assert notes and workflow["groups"], f"{name}: a template says what to put where (a Note) and groups its parts"
+    prompt = runnable(to_api_prompt(workflow))
+    resume = next((n["inputs"]["resume"] for n in prompt.values()
+                   if n["class_type"] == "Flux2LoraTrain" and n["inputs"].get("resume")), "")
+    if resume:  # a run to continue: trained first by the same graph, under a name no other template uses
+        first = json.loads(json.dumps(prompt))
+        for graph, run in ((first, ""), (prompt, "resume_check")):
+            for node in graph.values():
+                if node["class_type"] == "Flux2LoraTrain":
+                    node["inputs"].update(name="resume_check", resume=run)
+                if node["class_type"] == "Flux2LoraConfigureLora" and graph is first:
+                    node["inputs"]["steps"] = 1
+        assert comfyui.run(first)["status"]["status_str"] == "success"
+    entry = comfyui.run(prompt)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"], indent=1)[-6000:]
+    outputs = {i for i, node in prompt.items()
+               if node["class_type"] in ("SaveImage", "Flux2LoraSaveLora", "Flux2LoraValidateDataset")}
+    assert outputs <= set(entry["outputs"]), (outputs, list(entry["outputs"]))  # every output node ran
+    for i in outputs:
+        if prompt[i]["class_type"] == "SaveImage":
+            (image,) = entry["outputs"][i]["images"]
+            assert (comfyui.base / "output" / image["subfolder"] / image["filename"]).stat().st_size > 0
