@@ -337,3 +337,42 @@ def to_api_prompt(object_info):
         return prompt
 
     return convert
+
+
+# The tiny FLUX.2 models under the standard file names the templates use (any files: only the names matter to a
+# graph). The VAE is one architecture for both variants, so one file serves both.
+STANDARD_FILES = {"klein": {"transformer": "flux-2-klein-base-4b.safetensors", "vae": "flux2-vae.safetensors",
+                            "text_encoder": "qwen_3_4b.safetensors"},
+                  "dev": {"transformer": "flux2_dev_fp8mixed.safetensors", "vae": "flux2-vae.safetensors",
+                          "text_encoder": "mistral_3_small_flux2_fp8.safetensors"}}
+MODEL_FOLDER = {"transformer": "diffusion_models", "vae": "vae", "text_encoder": "text_encoders"}
+
+
+@pytest.fixture(scope="session")
+def standard_models(comfyui, tmp_path_factory):
+    """standard_models(dataset) -> the server's models/ folder holding tiny [klein] and [dev] under the standard
+    names, with [klein]'s tiny tokenizer beside its text encoder (where the engine looks before ComfyUI's real
+    one), and a two-image dataset input/<dataset> (written once)."""
+    from flux2_lora_core.data.demo_data import write_demo_dataset
+    from flux2_lora_core.models.tiny_models import COMFYUI_FILES, write_tiny_model
+
+    models = comfyui.base / "models"
+    for variant, names in STANDARD_FILES.items():
+        written = tmp_path_factory.mktemp("standard") / variant
+        write_tiny_model(written, variant=variant, fmt="comfyui")
+        for part, name in names.items():
+            target = models / MODEL_FOLDER[part] / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if not target.exists():
+                (written / COMFYUI_FILES[variant][part]).rename(target)
+        if variant == "klein":
+            for file in (written / "tokenizer").iterdir():
+                if not (models / "text_encoders" / file.name).exists():
+                    file.rename(models / "text_encoders" / file.name)
+
+    def with_dataset(name: str):
+        if not (comfyui.input_dir / name).exists():
+            write_demo_dataset(comfyui.input_dir / name, count=2, size=256)
+        return models
+
+    return with_dataset

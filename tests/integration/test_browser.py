@@ -8,6 +8,7 @@ test-artifacts/browser/ (FLUX2_LORA_TEST_ARTIFACTS overrides the folder) for a p
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -117,4 +118,84 @@ def test_validate_dataset_report_shows_and_a_failure_replaces_it_without_widenin
     assert failed["text"].startswith("the dataset is not usable"), failed["text"][:500]  # the error, not the old report
     assert failed["width"] == width  # long report lines scroll inside the box
     page.screenshot("validate-failed")
+    assert page.pack_errors() == []
+
+
+TEMPLATE = "flux2_klein_train_a_lora_and_generate_with_it"
+# In the page, as a user would edit it: the stock CLIPLoader/VAELoader become the test-only tiny loaders (stock
+# ones cannot size the tiny models), and sizes and steps shrink to seconds. Nothing else of the template changes.
+PREPARE = """([steps, size, dataset]) => {
+    const byType = (type) => app.graph._nodes.filter((n) => n.type === type);
+    const set = (node, name, value) => { const w = node.widgets?.find((w) => w.name === name); if (w) w.value = value; };
+    const swap = (type, tiny, values) => {
+        for (const old of byType(type)) {
+            const node = LiteGraph.createNode(tiny);
+            node.pos = [...old.pos];
+            app.graph.add(node);
+            for (const [name, value] of Object.entries(values(old))) set(node, name, value);
+            for (const link of [...(old.outputs[0].links ?? [])].map((id) => app.graph.links[id] ?? app.graph.links.get?.(id))) {
+                node.connect(0, app.graph.getNodeById(link.target_id), link.target_slot);
+            }
+            app.graph.remove(old);
+        }
+    };
+    const value = (node, name) => node.widgets.find((w) => w.name === name).value;
+    swap("CLIPLoader", "TinyFlux2CLIPLoader", (old) => ({clip_name: value(old, "clip_name"), tokenizer: "text_encoders"}));
+    swap("VAELoader", "TinyFlux2VAELoader", (old) => ({vae_name: value(old, "vae_name")}));
+    for (const n of byType("Flux2LoraLoadDataset")) set(n, "folder", dataset);
+    for (const n of byType("Flux2LoraLoadTrainingModel")) set(n, "dtype", "fp32");
+    for (const n of byType("Flux2LoraCacheLatents")) set(n, "resolution", String(size));
+    for (const n of byType("Flux2LoraValidateDataset")) set(n, "resolution", 256);
+    for (const n of byType("Flux2LoraConfigureLora")) {
+        for (const [k, v] of Object.entries({steps, checkpoint_every: 0, sample_steps: 0, gradient_checkpointing: false})) set(n, k, v);
+    }
+    for (const n of [...byType("EmptyFlux2LatentImage"), ...byType("Flux2Scheduler")]) { set(n, "width", size); set(n, "height", size); }
+    for (const n of byType("Flux2Scheduler")) set(n, "steps", 2);
+}"""
+TRAIN_PANEL = """() => {
+    const node = app.graph._nodes.find((n) => n.type === "Flux2LoraTrain");
+    const parts = node?.widgets?.find((w) => w.name === "flux2_lora_live")?.flux2;
+    if (!parts) return null;
+    const chart = parts.chart, ctx = chart.getContext("2d");
+    const pixels = chart.width && chart.height ? ctx.getImageData(0, 0, chart.width, chart.height).data : [];
+    let drawn = 0;
+    for (let i = 3; i < pixels.length; i += 4) drawn += pixels[i] > 0;
+    return {status: parts.status.textContent, summary: parts.summary.textContent,
+            chart_shown: chart.style.display === "block", chart_pixels: drawn};
+}"""
+
+
+def test_train_and_generate_template_runs_in_the_browser_with_live_feedback(page, comfyui, standard_models):
+    standard_models("browser_template_set")
+    page.js("""async (name) => {
+        const workflow = await (await fetch(`/api/workflow_templates/ComfyUI-Flux2-LoRA/${name}.json`)).json();
+        await app.loadGraphData(workflow, true, true, name);
+    }""", TEMPLATE)
+    missing = page.js("() => app.graph._nodes.filter((n) => !LiteGraph.registered_node_types[n.type]).map((n) => n.type)")
+    assert missing == []
+    page.screenshot("train-and-generate-loaded")
+    page.js(PREPARE, [4, 64, "browser_template_set"])
+    page.js("async () => { await app.queuePrompt(0); }")
+    page.tab.wait_for_function(f"() => ({TRAIN_PANEL})()?.summary?.includes('LoRA')", timeout=UI_TIMEOUT_MS * 3)
+    panel = page.js(TRAIN_PANEL)
+    assert "step 4/4" in panel["status"] and "loss " in panel["status"], panel
+    assert panel["chart_shown"] and panel["chart_pixels"] > 50, panel  # drawn only from two points on
+    def finished():
+        queue = comfyui.get_json("/queue")
+        if queue["queue_running"] or queue["queue_pending"]:
+            return None
+        return next(iter(comfyui.get_json("/history?max_items=1").values()), None)
+
+    history = comfyui.wait_until(finished, "the template's run (queued by the page)")
+    assert history["status"]["status_str"] == "success", json.dumps(history["status"], indent=1)[-4000:]
+    saved = [i for out in history["outputs"].values() for i in out.get("images", []) if i.get("type") == "output"]
+    assert saved, history["outputs"].keys()  # the generation half saved an image with the LoRA it trained
+    page.js("""() => {  // the Train node at full size, for the person reading the screenshot
+        const node = app.graph._nodes.find((n) => n.type === "Flux2LoraTrain");
+        app.canvas.ds.scale = 1.2;
+        app.canvas.centerOnNode(node);
+        app.graph.setDirtyCanvas(true, true);
+    }""")
+    page.tab.wait_for_timeout(300)
+    page.screenshot("train-and-generate-finished")
     assert page.pack_errors() == []

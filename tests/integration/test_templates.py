@@ -16,19 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from flux2_lora_core.data.demo_data import write_demo_dataset
-from flux2_lora_core.models.tiny_models import COMFYUI_FILES, write_tiny_model
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 PACK_FOLDER = "ComfyUI-Flux2-LoRA"
 TEMPLATES = sorted(p.stem for p in (REPO / "example_workflows").glob("*.json"))
-STANDARD = {"klein": {"transformer": "flux-2-klein-base-4b.safetensors", "vae": "flux2-vae.safetensors",
-                      "text_encoder": "qwen_3_4b.safetensors"},
-            "dev": {"transformer": "flux2_dev_fp8mixed.safetensors", "vae": "flux2-vae.safetensors",
-                    "text_encoder": "mistral_3_small_flux2_fp8.safetensors"}}
-FOLDER = {"transformer": "diffusion_models", "vae": "vae", "text_encoder": "text_encoders"}
 SIZE = 64  # pixels: 4 x 4 latent tokens
 DATASET = "template_dataset"  # in input/, in place of the templates' my_dataset (which other tests create)
 # Node inputs set to what runs in seconds on a CPU; inputs a node does not have are left alone.
@@ -40,27 +33,6 @@ SHRINK = {"Flux2LoraConfigureLora": {"steps": 2, "checkpoint_every": 0, "sample_
           "Flux2LoraValidateDataset": {"resolution": 256},
           "EmptyFlux2LatentImage": {"width": SIZE, "height": SIZE},
           "Flux2Scheduler": {"steps": 2, "width": SIZE, "height": SIZE}}
-
-
-@pytest.fixture(scope="module")
-def standard_models(comfyui, tmp_path_factory):
-    """Tiny [klein] and [dev] under the standard names (the VAE is one architecture, so one file serves both);
-    [klein]'s tiny tokenizer beside its text encoder, where the engine looks before ComfyUI's real one."""
-    models = comfyui.base / "models"
-    for variant, names in STANDARD.items():
-        written = tmp_path_factory.mktemp("standard") / variant
-        write_tiny_model(written, variant=variant, fmt="comfyui")
-        for part, name in names.items():
-            target = models / FOLDER[part] / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if not target.exists():
-                (written / COMFYUI_FILES[variant][part]).rename(target)
-        if variant == "klein":
-            for file in (written / "tokenizer").iterdir():
-                if not (models / "text_encoders" / file.name).exists():
-                    file.rename(models / "text_encoders" / file.name)
-    write_demo_dataset(comfyui.input_dir / DATASET, count=2, size=256)
-    return models
 
 
 def runnable(prompt: dict) -> dict:
@@ -88,6 +60,7 @@ def test_the_templates_browser_lists_every_template(comfyui):
 
 @pytest.mark.parametrize("name", TEMPLATES)
 def test_template_runs_end_to_end_on_tiny_models(comfyui, standard_models, to_api_prompt, name):
+    standard_models(DATASET)
     workflow = comfyui.get_json(f"/api/workflow_templates/{PACK_FOLDER}/{name}.json")
     notes = [n for n in workflow["nodes"] if n["type"] in ("Note", "MarkdownNote")]
     assert notes and workflow["groups"], f"{name}: a template says what to put where (a Note) and groups its parts"

@@ -148,7 +148,8 @@ def test_configure_lora_settings_preset_and_sampling_off_reach_the_run(comfyui, 
     assert config["sample"]["steps"] == 0 and not (run / "samples").exists()
 
 
-def test_model_pickers_list_the_model_folders_with_the_standard_files_as_defaults(comfyui, setup, to_api_prompt):
+def test_model_pickers_list_the_model_folders_with_the_standard_files_as_defaults(comfyui, setup, to_api_prompt,
+                                                                                   tmp_path):
     """Combos over models/diffusion_models + models/diffusers, models/vae and models/text_encoders, read afresh;
     the standard FLUX.2 names are the defaults once present, and the train template's values are those names."""
     models, _ = setup
@@ -160,15 +161,27 @@ def test_model_pickers_list_the_model_folders_with_the_standard_files_as_default
 
     files = {key: COMFYUI_FILES["klein"][part].split("/", 1)[1]
              for key, part in (("path", "transformer"), ("vae", "vae"), ("text_encoder", "text_encoder"))}
+    standard = [models / "diffusion_models" / "flux-2-klein-base-4b.safetensors",
+                models / "vae" / "flux2-vae.safetensors", models / "text_encoders" / "qwen_3_4b.safetensors",
+                models / "text_encoders" / "mistral_3_small_flux2_bf16.safetensors"]
+    # Other tests of this server may have put real (tiny) models under these names: set them aside meanwhile.
+    aside = {path: tmp_path / f"{path.parent.name}-{path.name}" for path in standard if path.exists()}
+    for path, away in aside.items():
+        path.rename(away)
+    try:
+        check_pickers(models, files, standard, pickers, comfyui, to_api_prompt)
+    finally:
+        for path, away in aside.items():
+            away.rename(path)
+
+
+def check_pickers(models, files, standard, pickers, comfyui, to_api_prompt):
     before = pickers()
     for key, name in files.items():
         assert name in before[key][0], (key, before[key])
     assert before["vae"][0][0] == before["text_encoder"][0][0] == "(from the diffusers folder)"
     assert before["path"][1] != "flux-2-klein-base-4b.safetensors"
 
-    standard = [models / "diffusion_models" / "flux-2-klein-base-4b.safetensors",
-                models / "vae" / "flux2-vae.safetensors", models / "text_encoders" / "qwen_3_4b.safetensors",
-                models / "text_encoders" / "mistral_3_small_flux2_bf16.safetensors"]
     pipeline = models / "diffusers" / "tiny_pipeline"
     try:
         for path in standard:
