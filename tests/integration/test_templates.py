@@ -85,3 +85,24 @@ def test_template_runs_end_to_end_on_tiny_models(comfyui, standard_models, to_ap
         if prompt[i]["class_type"] == "SaveImage":
             (image,) = entry["outputs"][i]["images"]
             assert (comfyui.base / "output" / image["subfolder"] / image["filename"]).stat().st_size > 0
+
+
+def test_stop_and_save_in_the_train_and_generate_template_still_generates(comfyui, standard_models, to_api_prompt):
+    """A run stopped with Stop and save returns the LoRA trained so far, and the sampler downstream uses it."""
+    standard_models(DATASET)
+    name = "flux2_klein_train_a_lora_and_generate_with_it"
+    prompt = runnable(to_api_prompt(comfyui.get_json(f"/api/workflow_templates/{PACK_FOLDER}/{name}.json")))
+    for node in prompt.values():
+        if node["class_type"] == "Flux2LoraConfigureLora":
+            node["inputs"]["steps"] = 100000
+    prompt_id = comfyui.queue(prompt)
+    # The route answers 409 until this prompt's Train runs; a stop before the first step waits for that step.
+    comfyui.wait_until(lambda: comfyui.request("/flux2_lora/stop", {"prompt_id": prompt_id})[0] == 200,
+                       "waiting for Train to run")
+    entry = comfyui.wait(prompt_id)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"], indent=1)[-6000:]
+    (train,) = [i for i, node in prompt.items() if node["class_type"] == "Flux2LoraTrain"]
+    assert entry["outputs"][train]["text"][0].startswith("stopped at step ")
+    (save,) = [i for i, node in prompt.items() if node["class_type"] == "SaveImage"]
+    (image,) = entry["outputs"][save]["images"]
+    assert (comfyui.base / "output" / image["subfolder"] / image["filename"]).stat().st_size > 0
