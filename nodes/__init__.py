@@ -9,6 +9,8 @@ and schemas need (errors, config) loads with the pack.
 
 from __future__ import annotations
 
+import sys
+
 from comfy_api.latest import ComfyExtension, io
 
 from .dataset_nodes import LoadDataset, ValidateDataset
@@ -17,9 +19,13 @@ from .training_nodes import CacheLatents, ConfigureLora, LoadTrainingModel, Save
 
 class Flux2LoraExtension(ComfyExtension):
     async def on_load(self) -> None:
-        from .events import add_routes
+        # The "Stop and save" button's route (ComfyUI adds its routes to the app after loading packs). Only where
+        # ComfyUI's web server is loaded already: importing it here would cost a tool that loads the nodes alone
+        # most of a second (aiohttp, sqlalchemy, ...) for a route nobody can call.
+        if "server" in sys.modules:
+            from .events import add_routes
 
-        add_routes()  # the "Stop and save" button's route; ComfyUI adds its routes to the app after loading packs
+            add_routes()
 
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [LoadDataset, ValidateDataset, LoadTrainingModel, CacheLatents, ConfigureLora, Train, SaveLora]

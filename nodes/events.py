@@ -147,6 +147,10 @@ _registered = False
 def add_routes() -> None:
     """Registers the stop route on ComfyUI's server (once); called when ComfyUI loads the pack."""
     global _registered
+    server = getattr(PromptServer, "instance", None)
+    if server is None:  # ComfyUI's nodes loaded without its web server (scripts, tools): no button to answer
+        log.debug("no ComfyUI server: %s not registered", STOP_ROUTE)
+        return
     if not _registered:
-        PromptServer.instance.routes.post(STOP_ROUTE)(stop_route)
+        server.routes.post(STOP_ROUTE)(stop_route)
         _registered = True
