@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = Path(os.environ.get("FLUX2_LORA_TEST_ARTIFACTS") or REPO / "test-artifacts") / "browser"
 CHROMIUM = ("chromium", "chromium-browser", "google-chrome")
 PACK_URL_PART = "ComfyUI-Flux2-LoRA"  # the pack's web files are served under /extensions/<pack folder>/
-UI_TIMEOUT_MS = 120_000  # the frontend's first load on a loaded 2-core machine; each wait ends as soon as it can
+UI_TIMEOUT_MS = 120_000  # the frontend's first load on a loaded 2-core machine (waits on the server's work use the
+                         # conftest's measured clock instead)
 
 
 def _cannot(reason: str):
@@ -101,19 +102,20 @@ REPORT = """() => {
 }"""
 
 
-def test_validate_dataset_report_shows_and_a_failure_replaces_it_without_widening_the_node(page, make_dataset):
+def test_validate_dataset_report_shows_and_a_failure_replaces_it_without_widening_the_node(page, comfyui,
+                                                                                            make_dataset):
     make_dataset("browser_set", count=2)
     page.js("async (graph) => { await app.loadApiJson(graph, 'validate.json'); }", VALIDATE_GRAPH)
     width = page.js("() => app.graph.getNodeById(2).size[0]")
     page.js("async () => { await app.queuePrompt(0); }")
-    page.tab.wait_for_function(f"() => ({REPORT})()?.text?.includes('usable')", timeout=UI_TIMEOUT_MS)
+    comfyui.wait_until(lambda: page.js(f"() => ({REPORT})()?.text?.includes('usable')"), "the report on the node")
     shown = page.js(REPORT)
     assert "NOT USABLE" not in shown["text"] and shown["width"] == width
     page.screenshot("validate-usable")
 
     page.js("() => { app.graph.getNodeById(2).widgets.find((w) => w.name === 'min_images').value = 50; }")
     page.js("async () => { await app.queuePrompt(0); }")
-    page.tab.wait_for_function(f"() => ({REPORT})()?.text?.includes('not usable')", timeout=UI_TIMEOUT_MS)
+    comfyui.wait_until(lambda: page.js(f"() => ({REPORT})()?.text?.includes('not usable')"), "the failure's report")
     failed = page.js(REPORT)
     assert failed["text"].startswith("the dataset is not usable"), failed["text"][:500]  # the error, not the old report
     assert failed["width"] == width  # long report lines scroll inside the box
@@ -176,7 +178,8 @@ def test_train_and_generate_template_runs_in_the_browser_with_live_feedback(page
     page.screenshot("train-and-generate-loaded")
     page.js(PREPARE, [4, 64, "browser_template_set"])
     page.js("async () => { await app.queuePrompt(0); }")
-    page.tab.wait_for_function(f"() => ({TRAIN_PANEL})()?.summary?.includes('LoRA')", timeout=UI_TIMEOUT_MS * 3)
+    comfyui.wait_until(lambda: (page.js(TRAIN_PANEL) or {}).get("summary", "").find("LoRA") >= 0,
+                       "Train's summary on the node")  # as long as the server keeps working (conftest's clock)
     panel = page.js(TRAIN_PANEL)
     assert "step 4/4" in panel["status"] and "loss " in panel["status"], panel
     assert panel["chart_shown"] and panel["chart_pixels"] > 50, panel  # drawn only from two points on
