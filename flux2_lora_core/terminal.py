@@ -76,6 +76,9 @@ class TrainingBar:
     def on_progress(self, phase, done, total):
         self.setup(phase, done, total)
 
+    def on_phase(self, phase):
+        pass  # the setup bars and the step bar already say what runs
+
     def on_step(self, report):
         if self.stop is not None:
             self.stop.training = True

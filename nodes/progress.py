@@ -1,7 +1,8 @@
 """ComfyUI's side of a run's progress, for Cache Latents and Train.
 
-Imported by those nodes when they run, not when ComfyUI loads the pack: subclassing the engine's
-Callbacks needs the engine, and ComfyUI's start should not pay for it.
+Imported by those nodes when they run, not when ComfyUI loads the pack. ComfyProgress implements every method of
+the engine's `Callbacks` protocol (on_phase, on_progress, on_step, on_sample, should_stop) rather than subclassing
+it, so this module imports nothing of the engine.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import folder_paths
 from comfy import model_management
 from comfy.utils import ProgressBar
 
-from ..flux2_lora_core.training import Callbacks
 from .events import NodeEvents, stoppable, view_reference
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ def _number(value):
     return value if value is None or math.isfinite(value) else None
 
 
-class ComfyProgress(Callbacks):
+class ComfyProgress:
     """The trainer's callbacks as ComfyUI's progress bar, sample previews, Cancel button and the pack's live events.
 
     Before the first step Cancel simply aborts (the bar's hook raises; the cache keeps what it encoded).

@@ -112,6 +112,22 @@ class MetricsLog:
         self.close()
 
 
+def step_profiler(steps: int, device, run_dir: Path):
+    """torch.profiler over `steps` training steps (after 2 warm-up steps), written to run_dir/profile_trace.json;
+    None when train.profile_steps is 0. The trainer calls .step() after each optimizer step."""
+    if not steps:
+        return None
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    trace = Path(run_dir) / "profile_trace.json"
+    return profile(activities=activities, record_shapes=True, profile_memory=True,
+                   schedule=schedule(wait=0, warmup=2, active=steps, repeat=1),
+                   on_trace_ready=lambda p: (p.export_chrome_trace(str(trace)),
+                                             log.info("profiler trace of %d steps: %s (open in "
+                                                      "https://ui.perfetto.dev)", steps, trace)))
+
+
 def iter_metrics(path):
     """Yield the records of a metrics.jsonl one at a time; see `read_metrics`."""
     path = Path(path)

@@ -32,7 +32,7 @@ from ..preflight import check_training_config
 from .callbacks import Callbacks, StepReport
 from .flow_matching import PositionIds, sample_sigmas, shift_sigmas, training_loss
 from .lora import add_lora, trainable_parameters
-from .metrics import MetricsLog, plot_training_curves
+from .metrics import MetricsLog, plot_training_curves, step_profiler
 from .optimization import make_optimizer, mixed_precision
 from .run_folder import new_run_dir, write_run_json
 from .state import save_checkpoint
@@ -92,14 +92,6 @@ def _sample_prompts(config: Config, cache) -> tuple[list[str], list[torch.Tensor
     return [cache.items[i].path for i in chosen], [cache.text(i) for i in chosen]
 
 
-def announce(callbacks, phase: str) -> None:
-    """callbacks.on_phase(phase), also for callbacks objects that duck-type the older protocol without it (the CLI's
-    TrainingBar, a library user's own class): a new optional callback must not break them."""
-    on_phase = getattr(callbacks, "on_phase", None)
-    if on_phase is not None:
-        on_phase(phase)
-
-
 def setup(config: Config, callbacks: Callbacks, encoders=None, transformer=None, *, resume=None) -> Session:
     """Cache, model, LoRA, optimizer: everything before the first step. `encoders`/`transformer` may be
     given already loaded (tests, the demo, a ComfyUI graph); otherwise they load from config.model.
@@ -109,7 +101,7 @@ def setup(config: Config, callbacks: Callbacks, encoders=None, transformer=None,
 
     check_training_config(config)
     t, given = config.train, transformer is not None
-    announce(callbacks, "caching")
+    callbacks.on_phase("caching")
     cache, encoders = cache_for_config(config, encoders=encoders, progress=callbacks.on_progress,
                                        prompts=config.sample.prompts)
     prompts, embeds = _sample_prompts(config, cache)
@@ -124,7 +116,7 @@ def setup(config: Config, callbacks: Callbacks, encoders=None, transformer=None,
 
     device = choose_device(config.model.device)
     dtype = choose_dtype(config.model.dtype, device)
-    announce(callbacks, "loading")
+    callbacks.on_phase("loading")
     if transformer is None:
         transformer, variant = load_transformer(config.model.path, variant=config.model.variant, dtype=dtype,
                                                 device=device)
@@ -248,21 +240,6 @@ def optimizer_step(s: Session, want_norm: bool) -> torch.Tensor | None:
     return norm.detach() if norm is not None and want_norm else None
 
 
-def _profiler(s: Session):
-    if not s.config.train.profile_steps:
-        return None
-    from torch.profiler import ProfilerActivity, profile, schedule
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if s.device.type == "cuda" else [])
-    trace = s.run_dir / "profile_trace.json"
-    return profile(activities=activities, record_shapes=True, profile_memory=True,
-                   schedule=schedule(wait=0, warmup=2, active=s.config.train.profile_steps, repeat=1),
-                   on_trace_ready=lambda p: (p.export_chrome_trace(str(trace)),
-                                             log.info("profiler trace of %d steps: %s (open in "
-                                                      "https://ui.perfetto.dev)", s.config.train.profile_steps,
-                                                      trace)))
-
-
 # ---------------------------------------------------------------------------------------------- the loop
 def sample(s: Session, callbacks: Callbacks) -> None:
     from .sampling import generate, save_samples
@@ -270,7 +247,7 @@ def sample(s: Session, callbacks: Callbacks) -> None:
     c = s.config.sample
     if not c.steps:  # sample.steps=0: sampling is off, at every point the loop would sample
         return
-    announce(callbacks, "sampling")
+    callbacks.on_phase("sampling")
     size = c.resolution or s.config.data.resolution[-1]
     with s.encoders.vae() as vae:
         images = generate(s.transformer, vae, s.variant.family, s.sample_embeds, s.cache.text(None), size=size,
@@ -287,8 +264,8 @@ def train_loop(s: Session, callbacks: Callbacks) -> bool:
         sample(s, callbacks)
     pending: list[tuple[int, torch.Tensor, float, float]] = []      # (step, loss, lr, seconds): read at log steps
     started, first_step, last_loss = time.perf_counter(), s.step, None
-    announce(callbacks, "training")
-    profiler = _profiler(s)
+    callbacks.on_phase("training")
+    profiler = step_profiler(s.config.train.profile_steps, s.device, s.run_dir)
     if profiler:
         profiler.start()
     try:
@@ -400,7 +377,7 @@ def train(config: Config, callbacks: Callbacks | None = None, *, encoders=None, 
             stopped = train_loop(s, callbacks)
             if stopped and s.step == s.start_step:   # stopped before the first step: nothing new to save
                 return TrainingResult(s.run_dir, None, s.step, True, [], [], None)
-            announce(callbacks, "saving")
+            callbacks.on_phase("saving")
             save_checkpoint(s)        # at the end, or where a stop request ended the run: resumable either way
             lora_path = save(s)
             curves = plot_training_curves(s.run_dir / "metrics.jsonl", s.run_dir / "training_curves.png",

@@ -339,6 +339,15 @@ def to_api_prompt(object_info):
     return convert
 
 
+def _shims() -> None:
+    """Writing a tiny model here imports diffusers, hence torchvision: the launcher's shims on first import (a no-op
+    where test.sh installed them already, or where torchvision matches torch, as on a user's machine)."""
+    spec = importlib.util.spec_from_file_location("comfyui_launcher", LAUNCHER)
+    launcher = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launcher)
+    launcher.install_import_hook()
+
+
 # The tiny FLUX.2 models under the standard file names the templates use (any files: only the names matter to a
 # graph). The VAE is one architecture for both variants, so one file serves both.
 STANDARD_FILES = {"klein": {"transformer": "flux-2-klein-base-4b.safetensors", "vae": "flux2-vae.safetensors",
@@ -356,6 +365,7 @@ def standard_models(comfyui, tmp_path_factory):
     from flux2_lora_core.data.demo_data import write_demo_dataset
     from flux2_lora_core.models.tiny_models import COMFYUI_FILES, write_tiny_model
 
+    _shims()
     models = comfyui.base / "models"
     for variant, names in STANDARD_FILES.items():
         written = tmp_path_factory.mktemp("standard") / variant
@@ -376,3 +386,56 @@ def standard_models(comfyui, tmp_path_factory):
         return models
 
     return with_dataset
+
+
+@pytest.fixture(scope="session")
+def tiny_klein(comfyui, tmp_path_factory):
+    """The server's models/ holding the tiny [klein] as ComfyUI single files (tiny_models.COMFYUI_FILES names) and
+    its tokenizer as models/tokenizer (written once)."""
+    from flux2_lora_core.models.tiny_models import COMFYUI_FILES, write_tiny_model
+
+    _shims()
+    models = comfyui.base / "models"
+    written = tmp_path_factory.mktemp("tiny") / "klein"
+    write_tiny_model(written, variant="klein", fmt="comfyui")
+    for part in ("transformer", "vae", "text_encoder"):
+        target = models / COMFYUI_FILES["klein"][part]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (written / COMFYUI_FILES["klein"][part]).rename(target)
+    (written / "tokenizer").rename(models / "tokenizer")
+    return models
+
+
+@pytest.fixture(scope="session")
+def training_graph(tiny_klein):
+    """training_graph(folder=, cache_dir=, name=, steps=, ...) -> the API graph Load Dataset (1) -> Load Training
+    Model (2, the tiny [klein]) -> Cache Latents (3) -> Configure LoRA (4, `settings` are more of its inputs) ->
+    Train (5) -> Save LoRA (6)."""
+    from flux2_lora_core.models.tiny_models import COMFYUI_FILES
+
+    files = {part: name.split("/", 1)[1] for part, name in COMFYUI_FILES["klein"].items() if "/" in name}
+
+    def build(*, folder, cache_dir, name, steps, targets="attention_mlp", resume="", checkpoint_every=0, **settings):
+        return {
+            "1": {"class_type": "Flux2LoraLoadDataset",
+                  "inputs": {"folder": folder, "caption_extensions": "txt", "trigger_word": "", "repeats": 1,
+                             "recursive": True}},
+            "2": {"class_type": "Flux2LoraLoadTrainingModel",
+                  "inputs": {"path": files["transformer"], "vae": files["vae"], "text_encoder": files["text_encoder"],
+                             "tokenizer": "tokenizer", "variant": "auto", "dtype": "fp32",
+                             "text_conditioning": "comfyui"}},
+            "3": {"class_type": "Flux2LoraCacheLatents",
+                  "inputs": {"dataset": ["1", 0], "model": ["2", 0], "resolution": "64", "buckets": True,
+                             "max_aspect": 4.0, "flip": False, "cache_dir": cache_dir}},
+            "4": {"class_type": "Flux2LoraConfigureLora",
+                  "inputs": {"rank": 4, "alpha": 4.0, "targets": targets, "optimizer": "adamw", "lr": 1e-3,
+                             "lr_scheduler": "constant", "warmup_steps": 0, "steps": steps, "batch_size": 1,
+                             "gradient_accumulation": 1, "timestep_sampling": "logit_normal", "caption_dropout": 0.0,
+                             "gradient_checkpointing": False, "seed": 1, "sample_every": 0, "sample_prompts": "",
+                             "checkpoint_every": checkpoint_every, **settings}},
+            "5": {"class_type": "Flux2LoraTrain",
+                  "inputs": {"cache": ["3", 0], "lora_config": ["4", 0], "name": name, "resume": resume}},
+            "6": {"class_type": "Flux2LoraSaveLora", "inputs": {"run": ["5", 2], "filename": name}},
+        }
+
+    return build

@@ -14,12 +14,12 @@ import math
 import threading
 import time
 import uuid
+from functools import partial
 
 import pytest
 
 from flux2_lora_core.checkpoints.checkpoint import find_checkpoints
 from flux2_lora_core.data.demo_data import write_demo_dataset
-from flux2_lora_core.models.tiny_models import COMFYUI_FILES, write_tiny_model
 
 pytestmark = pytest.mark.integration
 
@@ -63,57 +63,15 @@ class Listener:
 
 
 @pytest.fixture(scope="module")
-def setup(comfyui, tmp_path_factory):
-    models = comfyui.base / "models"
-    if not (models / COMFYUI_FILES["klein"]["transformer"]).exists():
-        _shims()
-        written = tmp_path_factory.mktemp("tiny") / "klein"
-        write_tiny_model(written, variant="klein", fmt="comfyui")
-        for part in ("transformer", "vae", "text_encoder"):
-            target = models / COMFYUI_FILES["klein"][part]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            (written / COMFYUI_FILES["klein"][part]).rename(target)
-        (written / "tokenizer").rename(models / "tokenizer")
+def setup(tiny_klein, comfyui):
     if not (comfyui.input_dir / "live").exists():
         write_demo_dataset(comfyui.input_dir / "live", count=3, size=256)
-    return models, Listener(comfyui)
+    return tiny_klein, Listener(comfyui)
 
 
-def _shims() -> None:
-    """Writing the tiny model imports diffusers, hence torchvision: the launcher's shims, as test_training_nodes."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("comfyui_launcher", Path(__file__).with_name("comfyui_launcher.py"))
-    launcher = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(launcher)
-    launcher.shim_torchvision()
-    launcher.shim_torchaudio()
-
-
-def graph(*, name, steps, checkpoint_every=0):
-    files = COMFYUI_FILES["klein"]
-    return {
-        "1": {"class_type": "Flux2LoraLoadDataset",
-              "inputs": {"folder": "live", "caption_extensions": "txt", "trigger_word": "", "repeats": 1,
-                         "recursive": True}},
-        "2": {"class_type": "Flux2LoraLoadTrainingModel",
-              "inputs": {"path": files["transformer"].split("/", 1)[1], "vae": files["vae"].split("/", 1)[1],
-                         "text_encoder": files["text_encoder"].split("/", 1)[1], "tokenizer": "tokenizer",
-                         "variant": "auto", "dtype": "fp32", "text_conditioning": "comfyui"}},
-        CACHE: {"class_type": "Flux2LoraCacheLatents",
-                "inputs": {"dataset": ["1", 0], "model": ["2", 0], "resolution": "64", "buckets": True,
-                           "max_aspect": 4.0, "flip": False, "cache_dir": "live_feedback"}},
-        "4": {"class_type": "Flux2LoraConfigureLora",
-              "inputs": {"rank": 4, "alpha": 4.0, "targets": "attention", "optimizer": "adamw", "lr": 1e-3,
-                         "lr_scheduler": "constant", "warmup_steps": 0, "steps": steps, "batch_size": 1,
-                         "gradient_accumulation": 1, "timestep_sampling": "logit_normal", "caption_dropout": 0.0,
-                         "gradient_checkpointing": False, "seed": 1, "sample_every": 0, "sample_prompts": "",
-                         "checkpoint_every": checkpoint_every}},
-        TRAIN: {"class_type": "Flux2LoraTrain",
-                "inputs": {"cache": [CACHE, 0], "lora_config": ["4", 0], "name": name, "resume": ""}},
-        SAVE: {"class_type": "Flux2LoraSaveLora", "inputs": {"run": [TRAIN, 2], "filename": name}},
-    }
+@pytest.fixture(scope="module")
+def graph(training_graph, setup):
+    return partial(training_graph, folder="live", cache_dir="live_feedback", targets="attention")
 
 
 def first_appearances(values) -> list:
@@ -125,7 +83,7 @@ def busiest_second(times: list[float]) -> int:
     return max((sum(1 for u in times if t <= u < t + 1) for t in times), default=0)
 
 
-def test_training_sends_live_events_with_phases_losses_samples_and_a_summary(comfyui, setup, record_property):
+def test_training_sends_live_events_with_phases_losses_samples_and_a_summary(comfyui, setup, graph, record_property):
     models, listener = setup
     steps = 16
     prompt_id = listener.queue(graph(name="live", steps=steps, checkpoint_every=4))
@@ -180,7 +138,7 @@ def test_training_sends_live_events_with_phases_losses_samples_and_a_summary(com
     assert busiest <= 5
 
 
-def test_stop_and_save_returns_the_lora_so_far_and_the_graph_goes_on(comfyui, setup):
+def test_stop_and_save_returns_the_lora_so_far_and_the_graph_goes_on(comfyui, setup, graph):
     models, listener = setup
     prompt_id = listener.queue(graph(name="stopped", steps=100000))
     comfyui.wait_until(lambda: any(e.get("step", 0) >= 1 for _, e in listener.events(prompt_id, TRAIN)),
@@ -216,7 +174,7 @@ def test_the_stop_route_refuses_a_malformed_request(comfyui, body):
     assert refused.value.code == 400 and "error" in json.loads(refused.value.read())
 
 
-def test_cancel_says_where_the_checkpoint_is_and_ends_the_prompt_as_interrupted(comfyui, setup):
+def test_cancel_says_where_the_checkpoint_is_and_ends_the_prompt_as_interrupted(comfyui, setup, graph):
     _, listener = setup
     prompt_id = listener.queue(graph(name="cancelled_live", steps=100000))
     comfyui.wait_until(lambda: any(e.get("step", 0) >= 1 for _, e in listener.events(prompt_id, TRAIN)),

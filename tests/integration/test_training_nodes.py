@@ -6,81 +6,39 @@ models/ folders, the dataset a generated one in its input/ folder, exactly where
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-from pathlib import Path
+from functools import partial
 
 import pytest
 from safetensors import safe_open
 
 from flux2_lora_core.checkpoints.checkpoint import find_checkpoints
 from flux2_lora_core.data.demo_data import write_demo_dataset
-from flux2_lora_core.models.tiny_models import COMFYUI_FILES, write_tiny_model
+from flux2_lora_core.models.tiny_models import COMFYUI_FILES
 
 pytestmark = pytest.mark.integration
 
 
-def importable_diffusers() -> None:
-    """This process writes the tiny model with diffusers, which imports torchvision: give it the launcher's shims
-    (no-ops where torchvision matches torch, as on a user's machine)."""
-    spec = importlib.util.spec_from_file_location("comfyui_launcher", Path(__file__).with_name("comfyui_launcher.py"))
-    launcher = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(launcher)
-    launcher.shim_torchvision()
-    launcher.shim_torchaudio()
+@pytest.fixture(scope="module")
+def setup(tiny_klein, comfyui):
+    write_demo_dataset(comfyui.input_dir / "ring", count=3, size=256)
+    return tiny_klein, "training_tests"  # the cache's name: output/flux2_lora/cache/training_tests
 
 
 @pytest.fixture(scope="module")
-def setup(comfyui, tmp_path_factory):
-    importable_diffusers()
-    models = comfyui.base / "models"
-    if not (models / COMFYUI_FILES["klein"]["transformer"]).exists():
-        written = tmp_path_factory.mktemp("tiny") / "klein"
-        write_tiny_model(written, variant="klein", fmt="comfyui")
-        for part in ("transformer", "vae", "text_encoder"):
-            target = models / COMFYUI_FILES["klein"][part]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            (written / COMFYUI_FILES["klein"][part]).rename(target)
-        (written / "tokenizer").rename(models / "tokenizer")
-    write_demo_dataset(comfyui.input_dir / "ring", count=3, size=256)
-    return models, "training_tests"  # the cache's name: output/flux2_lora/cache/training_tests
-
-
-def graph(models, cache_dir, *, name="ring", steps=4, targets="attention_mlp", resume="", checkpoint_every=2,
-          **settings):
-    """The whole graph; `settings` are more Configure LoRA inputs (its optional ones)."""
-    files = COMFYUI_FILES["klein"]
-    return {
-        "1": {"class_type": "Flux2LoraLoadDataset",
-              "inputs": {"folder": "ring", "caption_extensions": "txt", "trigger_word": "", "repeats": 1,
-                         "recursive": True}},
-        "2": {"class_type": "Flux2LoraLoadTrainingModel",
-              "inputs": {"path": files["transformer"].split("/", 1)[1], "vae": files["vae"].split("/", 1)[1],
-                         "text_encoder": files["text_encoder"].split("/", 1)[1], "tokenizer": "tokenizer",
-                         "variant": "auto", "dtype": "fp32", "text_conditioning": "comfyui"}},
-        "3": {"class_type": "Flux2LoraCacheLatents",
-              "inputs": {"dataset": ["1", 0], "model": ["2", 0], "resolution": "64", "buckets": True,
-                         "max_aspect": 4.0, "flip": False, "cache_dir": cache_dir}},
-        "4": {"class_type": "Flux2LoraConfigureLora",
-              "inputs": {"rank": 4, "alpha": 4.0, "targets": targets, "optimizer": "adamw", "lr": 1e-3,
-                         "lr_scheduler": "constant", "warmup_steps": 0, "steps": steps, "batch_size": 1,
-                         "gradient_accumulation": 1, "timestep_sampling": "logit_normal", "caption_dropout": 0.0,
-                         "gradient_checkpointing": False, "seed": 1, "sample_every": 0, "sample_prompts": "",
-                         "checkpoint_every": checkpoint_every, **settings}},
-        "5": {"class_type": "Flux2LoraTrain",
-              "inputs": {"cache": ["3", 0], "lora_config": ["4", 0], "name": name, "resume": resume}},
-        "6": {"class_type": "Flux2LoraSaveLora", "inputs": {"run": ["5", 2], "filename": name}},
-    }
+def graph(training_graph, setup):
+    """The whole graph on input/ring; keyword arguments change it (more Configure LoRA inputs too)."""
+    return partial(training_graph, folder="ring", cache_dir=setup[1], name="ring", steps=4, checkpoint_every=2)
 
 
 def status(entry) -> str:
     return entry["status"]["status_str"]
 
 
-def test_a_training_graph_trains_and_saves_a_lora_loraloader_lists(comfyui, setup):
+def test_a_training_graph_trains_and_saves_a_lora_loraloader_lists(comfyui, setup, graph):
     models, cache_dir = setup
-    entry = comfyui.run(graph(models, cache_dir))
+    entry = comfyui.run(graph())
     assert status(entry) == "success", json.dumps(entry["status"], indent=1)[-6000:]
     saved = models / "loras" / "ring.safetensors"
     with safe_open(saved, "pt") as f:
@@ -92,21 +50,21 @@ def test_a_training_graph_trains_and_saves_a_lora_loraloader_lists(comfyui, setu
     assert "ring.safetensors" in comfyui.get_json("/object_info/LoraLoader")["LoraLoader"]["input"]["required"][
         "lora_name"][0]                                                   # listed at once, no restart
 
-    again = comfyui.run(graph(models, cache_dir))          # re-queued: trains again, never overwrites
+    again = comfyui.run(graph())          # re-queued: trains again, never overwrites
     assert status(again) == "success"
     assert (models / "loras" / "ring-2.safetensors").exists() and (run.parent / "ring-2" / "run.json").exists()
 
 
-def test_bad_settings_stop_the_graph_at_train_naming_the_setting(comfyui, setup):
-    entry = comfyui.run(graph(*setup, name="bad", targets="regex:("))
+def test_bad_settings_stop_the_graph_at_train_naming_the_setting(comfyui, setup, graph):
+    entry = comfyui.run(graph(name="bad", targets="regex:("))
     assert status(entry) == "error"
     (error,) = [data for name, data in entry["status"]["messages"] if name == "execution_error"]
     assert error["node_type"] == "Flux2LoraTrain" and "lora.targets" in error["exception_message"]
 
 
-def test_plot_loss_graph_draws_a_one_step_run(comfyui, setup):
+def test_plot_loss_graph_draws_a_one_step_run(comfyui, setup, graph):
     """ComfyUI's own "Plot Loss Graph" divides by max - min: a one-step run (one loss) must still give it a range."""
-    prompt = graph(*setup, name="one_step", steps=1, checkpoint_every=0)
+    prompt = graph(name="one_step", steps=1, checkpoint_every=0)
     prompt["7"] = {"class_type": "LossGraphNode", "inputs": {"loss": ["5", 1], "filename_prefix": "one_step_loss"}}
     entry = comfyui.run(prompt)
     assert status(entry) == "success", json.dumps(entry["status"], indent=1)[-6000:]
@@ -114,9 +72,9 @@ def test_plot_loss_graph_draws_a_one_step_run(comfyui, setup):
     assert (comfyui.base / graph_image["type"] / graph_image["subfolder"] / graph_image["filename"]).is_file()
 
 
-def test_cancel_writes_a_checkpoint_and_train_resumes_it(comfyui, setup):
+def test_cancel_writes_a_checkpoint_and_train_resumes_it(comfyui, setup, graph):
     models, cache_dir = setup
-    prompt_id = comfyui.queue(graph(models, cache_dir, name="cancelled", steps=100000, checkpoint_every=0))
+    prompt_id = comfyui.queue(graph(name="cancelled", steps=100000, checkpoint_every=0))
     metrics = comfyui.base / "output" / "flux2_lora" / "cancelled" / "metrics.jsonl"
     comfyui.wait_until(lambda: metrics.exists() and metrics.stat().st_size, "waiting for the first training step")
     comfyui.request("/interrupt", {})
@@ -127,15 +85,15 @@ def test_cancel_writes_a_checkpoint_and_train_resumes_it(comfyui, setup):
     stopped = int(checkpoint.name.split("_")[1])
     assert stopped == json.loads(metrics.read_text().splitlines()[-1])["step"]
 
-    resumed = comfyui.run(graph(models, cache_dir, name="cancelled", steps=stopped + 2, resume="cancelled"))
+    resumed = comfyui.run(graph(name="cancelled", steps=stopped + 2, resume="cancelled"))
     assert status(resumed) == "success", json.dumps(resumed["status"], indent=1)[-6000:]
     assert find_checkpoints(metrics.parent)[-1].name == f"step_{stopped + 2:06d}"
 
 
-def test_configure_lora_settings_preset_and_sampling_off_reach_the_run(comfyui, setup):
+def test_configure_lora_settings_preset_and_sampling_off_reach_the_run(comfyui, setup, graph):
     """Optional Configure LoRA inputs land in run.json; the preset fills only widgets left at their default (rank 4
     and steps 2 are set here, caption_dropout 0.0 is the default); sample_steps 0 makes no sample at all."""
-    entry = comfyui.run(graph(*setup, name="tuned", steps=2, checkpoint_every=0, preset="style", lora_dropout=0.1,
+    entry = comfyui.run(graph(name="tuned", steps=2, checkpoint_every=0, preset="style", lora_dropout=0.1,
                               sample_steps=0, sample_every=1, sample_at_start=True, max_grad_norm=0.5,
                               timestep_shift="none", checkpoint_keep=1, mixed_precision="no"))
     assert status(entry) == "success", json.dumps(entry["status"], indent=1)[-6000:]
