@@ -1,0 +1,420 @@
+"""Real-size FLUX.2 training steps: the engine's step against diffusers' own training loop, same inputs.
+
+FLUX.2 transformers are built from the configs the package ships (klein 4B, klein 9B, [dev]) with random
+weights directly on the device (meta-device init, no download). Each setting runs warm-up steps, then
+timed steps through the engine's own micro-step and optimizer step (trainer.micro_step / optimizer_step,
+reading cached-like latents and embeddings from host memory as the latent cache hands them over), and
+the same through a transcription of the inner loop of diffusers'
+examples/dreambooth/train_dreambooth_lora_flux2_klein.py (its peft config, its timestep sampling, its
+AdamW defaults, accelerate's bf16 autocast, latents and prompt embeddings already on the device as its
+--cache_latents keeps them, no compile).
+
+Printed per setting: median s/step, images/s, peak memory (torch.cuda.max_memory_allocated over the timed
+steps) and model-FLOPs utilisation: forward 2*N*T plus backward 2*N*T for the input gradients (a frozen base
+needs no weight-gradient matmul; the LoRA's own are negligible) plus attention, 4*T^2*d per block forward and
+twice that backward; T = image + text tokens, recomputation from checkpointing not counted.
+
+    python benchmarks/gpu_speed.py                              # every model that fits, on the GPU
+    python benchmarks/gpu_speed.py --variants klein-4b --resolutions 1024 --steps 10
+    python benchmarks/gpu_speed.py --tiny                       # tiny configs on the CPU: a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from flux2_lora_core.config import load_config  # noqa: E402
+from flux2_lora_core.models import shipped_config  # noqa: E402
+from flux2_lora_core.models.tiny_models import tiny_transformer_config  # noqa: E402
+from flux2_lora_core.training import trainer  # noqa: E402
+from flux2_lora_core.training.flow_matching import PositionIds  # noqa: E402
+from flux2_lora_core.training.lora import add_lora, trainable_parameters  # noqa: E402
+from flux2_lora_core.training.metrics import MetricsLog  # noqa: E402
+from flux2_lora_core.training.optimization import make_optimizer, mixed_precision  # noqa: E402
+
+MODELS = {"klein-4b": "flux2-klein-4b", "klein-9b": "flux2-klein-9b", "dev": "flux2-dev"}
+TEXT_TOKENS = 512          # the cache's prompt length in "diffusers" conditioning (FLUX2_FACTS.md)
+LATENT_CHANNELS = 128      # 32 VAE channels x 2x2 patch
+PIXELS_PER_TOKEN = 16      # VAE /8, then 2x2 patches
+# Dense bf16 tensor-core peaks from the vendors' datasheets (no sparsity), looked up by device name.
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "B200": 2250e12, "GB200": 2500e12, "A100": 312e12,
+             "A800": 312e12, "L40S": 362e12, "L40": 181e12, "RTX 6000 Ada": 364e12, "RTX 5090": 419e12,
+             "RTX 4090": 165e12, "RTX 3090": 71e12, "A6000": 155e12, "A10": 125e12, "L4": 121e12}
+
+
+# ---------------------------------------------------------------------------------------------- the model
+def build_transformer(config: dict, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """A FLUX.2 transformer with random weights made where it will run: nothing is built twice or on the host."""
+    from diffusers import Flux2Transformer2DModel
+
+    with torch.device("meta"):
+        model = Flux2Transformer2DModel.from_config(config)
+    model = model.to(dtype).to_empty(device=device)
+    generator = torch.Generator(device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.normal_(0.0, p.shape[-1] ** -0.5, generator=generator)   # unit-variance outputs, no blow-up
+            elif "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.zero_()
+    if any(True for _ in model.buffers()):
+        raise RuntimeError("the transformer has buffers, which to_empty leaves uninitialised: initialise them")
+    model.requires_grad_(False)
+    return model
+
+
+def linear_parameters(model) -> int:
+    """N of the FLOP count: the weights every token passes through (the base's linears, no LoRA)."""
+    return sum(m.weight.numel() for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and "lora_" not in name)
+
+
+def step_flops(config: dict, n_linear: int, resolution: int, batch: int) -> float:
+    tokens = (resolution // PIXELS_PER_TOKEN) ** 2 + TEXT_TOKENS
+    d_model = config["num_attention_heads"] * config["attention_head_dim"]
+    blocks = config["num_layers"] + config["num_single_layers"]
+    return batch * (4 * n_linear * tokens + 3 * 4 * tokens ** 2 * d_model * blocks)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in sorted(PEAK_BF16.items(), key=lambda kv: -len(kv[0])) if k in name), None)
+
+
+# ---------------------------------------------------------------------------------------------- the engine
+class HostCache:
+    """Cached-like inputs in host memory, handed over as LatentCache.latent / .text hand over theirs."""
+
+    def __init__(self, resolution: int, joint_dim: int, dtype: torch.dtype, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        side = resolution // PIXELS_PER_TOKEN
+        self._latent = torch.randn(LATENT_CHANNELS, side, side, generator=g).to(dtype)
+        self._text = torch.randn(TEXT_TOKENS, joint_dim, generator=g).to(dtype)
+
+    def latent(self, index, resolution, *, flipped=False):
+        return self._latent.flip(-1) if flipped else self._latent
+
+    def text(self, index):
+        return self._text
+
+    def close(self):
+        pass
+
+
+def engine_session(transformer, variant, resolution, batch, rank, checkpointing, compile_blocks, out: Path):
+    overrides = [f"model.path={out}", f"data.path={out}", f"output.dir={out}", f"lora.rank={rank}",
+                 f"lora.alpha={rank}", f"train.batch_size={batch}", "train.optimizer=adamw", "train.steps=1000000",
+                 f"train.gradient_checkpointing={str(checkpointing).lower()}", f"train.compile={str(compile_blocks).lower()}",
+                 f"data.resolution={resolution}"]
+    config = load_config(None, overrides)
+    t = config.train
+    targets = add_lora(transformer, rank=rank, alpha=rank, dropout=0.0, targets=config.lora.targets, seed=t.seed)
+    if checkpointing:
+        transformer.enable_gradient_checkpointing()
+    if compile_blocks:
+        for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
+            block.compile()
+    transformer.train()
+    from diffusers.optimization import get_scheduler
+
+    optimizer = make_optimizer(trainable_parameters(transformer), t)
+    scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.steps)
+    autocast_dtype, scaler = mixed_precision(transformer.device, transformer.dtype, t.mixed_precision)
+    cache = HostCache(resolution, transformer.config.joint_attention_dim, transformer.dtype)
+    return trainer.Session(config, out, cache, None, transformer, variant, targets, optimizer, scheduler, scaler,
+                           autocast_dtype, transformer.device, transformer.dtype, {},
+                           torch.Generator("cpu").manual_seed(t.seed), PositionIds(), MetricsLog(None), [], [], "")
+
+
+def engine_step(s, resolution: int, batch: int) -> None:
+    trainer.micro_step(s, list(range(batch)), resolution, 1.0)
+    trainer.optimizer_step(s, want_norm=False)
+
+
+# ---------------------------------------------------------------------------------------------- diffusers' loop
+class ScriptLoop:
+    """The inner loop of diffusers' train_dreambooth_lora_flux2_klein.py with --cache_latents, one instance
+    prompt and its defaults (weighting_scheme none, AdamW lr 1e-4, betas 0.9/0.999, weight decay 1e-4, eps 1e-8,
+    max_grad_norm 1, bf16 via accelerate's autocast, LoRA weights in the base's dtype as add_adapter makes them).
+    Its target list is the script's, with the single blocks read from the config instead of its range(24)."""
+
+    def __init__(self, transformer, resolution: int, batch: int, rank: int, checkpointing: bool, scheduler_config):
+        from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+        from peft import LoraConfig
+
+        self.Pipe, self.transformer, self.batch = Flux2KleinPipeline, transformer, batch
+        device, dtype = transformer.device, transformer.dtype
+        self.device = device
+        self.noise_scheduler_copy = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+        if checkpointing:
+            transformer.enable_gradient_checkpointing()
+        target_modules = ["to_k", "to_q", "to_v", "to_out.0"] + [
+            "to_qkv_mlp_proj", *[f"single_transformer_blocks.{i}.attn.to_out"
+                                 for i in range(transformer.config.num_single_layers)]]
+        transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, init_lora_weights="gaussian",
+                                           target_modules=target_modules))
+        transformer.train()
+        self.params = list(filter(lambda p: p.requires_grad, transformer.parameters()))
+        self.optimizer = torch.optim.AdamW([{"params": self.params, "lr": 1e-4}], betas=(0.9, 0.999),
+                                           weight_decay=1e-4, eps=1e-8)
+        g = torch.Generator().manual_seed(0)
+        side = resolution // 8   # the script caches the VAE's raw latents: (1, 32, H/8, W/8)
+        self.latents_cache = [torch.randn(1, LATENT_CHANNELS // 4, side, side, generator=g).to(device, dtype)
+                              for _ in range(batch)]
+        self.latents_bn_mean = torch.randn(1, LATENT_CHANNELS, 1, 1, generator=g).to(device) * 0.1
+        self.latents_bn_std = torch.rand(1, LATENT_CHANNELS, 1, 1, generator=g).to(device) + 0.5
+        joint = transformer.config.joint_attention_dim
+        self.static_prompt_embeds = torch.randn(1, TEXT_TOKENS, joint, generator=g).to(device, dtype)
+        self.static_text_ids = self.Pipe._prepare_text_ids(self.static_prompt_embeds).to(device)
+
+    def get_sigmas(self, timesteps, n_dim=4, dtype=torch.float32):
+        sigmas = self.noise_scheduler_copy.sigmas.to(device=self.device, dtype=dtype)
+        schedule_timesteps = self.noise_scheduler_copy.timesteps.to(self.device)
+        timesteps = timesteps.to(self.device)
+        step_indices = [(schedule_timesteps == t).nonzero().item() for t in timesteps]
+        sigma = sigmas[step_indices].flatten()
+        while len(sigma.shape) < n_dim:
+            sigma = sigma.unsqueeze(-1)
+        return sigma
+
+    def step(self) -> None:
+        from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+
+        Pipe, transformer = self.Pipe, self.transformer
+        prompt_embeds = self.static_prompt_embeds.repeat_interleave(self.batch, dim=0)
+        text_ids = self.static_text_ids.repeat_interleave(self.batch, dim=0)
+        model_input = torch.cat(self.latents_cache, dim=0)
+        model_input = Pipe._patchify_latents(model_input)
+        model_input = (model_input - self.latents_bn_mean) / self.latents_bn_std
+        model_input_ids = Pipe._prepare_latent_ids(model_input).to(device=model_input.device)
+        noise = torch.randn_like(model_input)
+        bsz = model_input.shape[0]
+        u = compute_density_for_timestep_sampling(weighting_scheme="none", batch_size=bsz, logit_mean=0.0,
+                                                  logit_std=1.0, mode_scale=1.29)
+        indices = (u * self.noise_scheduler_copy.config.num_train_timesteps).long()
+        timesteps = self.noise_scheduler_copy.timesteps[indices].to(device=model_input.device)
+        sigmas = self.get_sigmas(timesteps, n_dim=model_input.ndim, dtype=model_input.dtype)
+        noisy_model_input = (1.0 - sigmas) * model_input + sigmas * noise
+        packed_noisy_model_input = Pipe._pack_latents(noisy_model_input)
+        if transformer.config.guidance_embeds:
+            guidance = torch.full([1], 3.5, device=self.device).expand(model_input.shape[0])   # the dev script's
+        else:
+            guidance = None
+        with torch.autocast(self.device.type, dtype=torch.bfloat16):   # accelerate's mixed_precision="bf16"
+            model_pred = transformer(hidden_states=packed_noisy_model_input, timestep=timesteps / 1000,
+                                     guidance=guidance, encoder_hidden_states=prompt_embeds, txt_ids=text_ids,
+                                     img_ids=model_input_ids, return_dict=False)[0]
+        model_pred = model_pred[:, : packed_noisy_model_input.size(1):]
+        model_pred = Pipe._unpack_latents_with_ids(model_pred, model_input_ids)
+        weighting = compute_loss_weighting_for_sd3(weighting_scheme="none", sigmas=sigmas)
+        target = noise - model_input
+        loss = torch.mean((weighting.float() * (model_pred.float() - target.float()) ** 2).reshape(target.shape[0], -1),
+                          1).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+
+
+# ---------------------------------------------------------------------------------------------- timing
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(step, device, warmup: int, steps: int) -> tuple[list[float], int | None]:
+    """(per-step seconds, peak bytes over the timed steps). Each step ends in a synchronisation, so a
+    step's time is its own; the engine's loop adds no synchronisation of its own beyond what it does."""
+    for _ in range(warmup):
+        step()
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return times, torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+def profile(step, device, steps: int = 2, top: int = 15) -> str:
+    """The top kernels (or CPU ops) of a few steps by self time: where a step's time goes."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=70)
+
+
+def release_adapter(transformer) -> None:
+    trainer.hand_back(transformer)
+    for module in transformer.modules():
+        module._compiled_call_impl = None   # Module.compile() is undone by hand: the next setting runs eager
+    for p in transformer.parameters():
+        p.grad = None
+    gc.collect()
+    if transformer.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_setting(name, transformer, variant, config, scheduler_config, loop, resolution, batch, rank, checkpointing,
+                compile_blocks, warmup, steps, out: Path, profile_it: bool = False) -> dict:
+    device = transformer.device
+    row = {"model": name, "loop": loop, "resolution": resolution, "batch": batch, "rank": rank,
+           "checkpointing": checkpointing, "compile": compile_blocks}
+    started = time.perf_counter()
+    try:
+        if loop == "engine":
+            s = engine_session(transformer, variant, resolution, batch, rank, checkpointing, compile_blocks, out)
+            times, peak = timed(lambda: engine_step(s, resolution, batch), device, warmup, steps)
+            if profile_it:
+                print(f"# profile: {row}\n" + profile(lambda: engine_step(s, resolution, batch), device), flush=True)
+            del s
+        else:
+            script = ScriptLoop(transformer, resolution, batch, rank, checkpointing, scheduler_config)
+            times, peak = timed(script.step, device, warmup, steps)
+            del script
+    except torch.OutOfMemoryError as exc:
+        row.update(error=f"out of memory: {str(exc).splitlines()[0][:120]}")
+        times, peak = None, None
+    finally:
+        release_adapter(transformer)
+    row["wall_s"] = round(time.perf_counter() - started, 1)
+    if times:
+        median = statistics.median(times)
+        flops = step_flops(config, linear_parameters(transformer), resolution, batch)
+        peak_rate = peak_flops(device)
+        row.update(s_per_step=median, images_per_s=batch / median, peak_gib=peak / 2**30 if peak else None,
+                   tflops=flops / median / 1e12, mfu=flops / median / peak_rate if peak_rate else None,
+                   steps=len(times), min_s=min(times), max_s=max(times))
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| model | loop | px | ckpt | compile | s/step | img/s | peak GiB | TFLOP/s | MFU | vs diffusers |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    base = {(r["model"], r["resolution"], r["checkpointing"]): r.get("s_per_step") for r in rows
+            if r["loop"] == "diffusers"}
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['loop']} | {r['resolution']} | {r['checkpointing']} | {r['compile']} "
+                         f"| {r['error']} | | | | | |")
+            continue
+        b = base.get((r["model"], r["resolution"], r["checkpointing"]))
+        ratio = f"{b / r['s_per_step']:.2f}x" if b and r["loop"] == "engine" else ""
+        mfu = f"{r['mfu']:.1%}" if r.get("mfu") else "n/a"
+        peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") else "n/a"
+        lines.append(f"| {r['model']} | {r['loop']} | {r['resolution']} | {r['checkpointing']} | {r['compile']} | "
+                     f"{r['s_per_step']:.4f} | {r['images_per_s']:.2f} | {peak} | {r['tflops']:.0f} | {mfu} | {ratio} |")
+    return "\n".join(lines)
+
+
+def settings(args) -> list[tuple]:
+    """(resolution, checkpointing, compile, loop) in the order they run: the cheap and telling ones first."""
+    out = []
+    for resolution in args.resolutions:
+        for ckpt in args.checkpointing:
+            if not args.only_compiled:
+                out.append((resolution, ckpt, False, "engine"))
+            if args.baseline and not args.only_compiled:
+                out.append((resolution, ckpt, False, "diffusers"))
+            if args.compile:
+                out.append((resolution, ckpt, True, "engine"))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--variants", default="klein-4b,klein-9b,dev")
+    parser.add_argument("--resolutions", default="512,1024", type=lambda s: [int(v) for v in s.split(",")])
+    parser.add_argument("--checkpointing", default="off,on",
+                        type=lambda s: [{"on": True, "off": False}[v] for v in s.split(",")])
+    parser.add_argument("--compile", action="store_true", help="also time the engine with regional compile")
+    parser.add_argument("--only-compiled", action="store_true", help="time only the compiled engine")
+    parser.add_argument("--no-baseline", dest="baseline", action="store_false")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--budget-s", type=float, default=420, help="skip what would start after this many seconds")
+    parser.add_argument("--profile", action="store_true", help="print the top kernels of the engine's step "
+                        "at the highest resolution, without checkpointing or compile")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--tiny", action="store_true", help="tiny configs on the CPU (a smoke test)")
+    args = parser.parse_args()
+
+    device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        props = torch.cuda.get_device_properties(device)
+        print(f"# {props.name}, {props.total_memory / 2**30:.0f} GiB, torch {torch.__version__}, "
+              f"bf16 peak {peak_flops(device) or 0:.3g} FLOP/s", flush=True)
+    else:
+        print(f"# CPU ({torch.get_num_threads()} threads), torch {torch.__version__}: tiny configs", flush=True)
+    from flux2_lora_core.models import detect_variant
+
+    started, rows = time.perf_counter(), []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.variants.split(","):
+            shipped = MODELS[name]
+            config = (tiny_transformer_config("dev" if name == "dev" else "klein") if args.tiny
+                      else shipped_config(shipped, "transformer"))
+            scheduler_config = shipped_config(shipped, "scheduler")
+            if time.perf_counter() - started > args.budget_s:
+                print(f"# {name}: skipped, over the {args.budget_s:.0f} s budget", flush=True)
+                continue
+            try:
+                built = time.perf_counter()
+                transformer = build_transformer(config, device, dtype)
+                print(f"# {name}: {sum(p.numel() for p in transformer.parameters()) / 1e9:.2f}B parameters built in "
+                      f"{time.perf_counter() - built:.1f} s", flush=True)
+            except torch.OutOfMemoryError:
+                print(f"# {name}: does not fit this device", flush=True)
+                continue
+            variant = detect_variant(dict(transformer.config))
+            for resolution, ckpt, compiled, loop in settings(args):
+                if time.perf_counter() - started > args.budget_s:
+                    print(f"# {name} {resolution} px {loop}: skipped, over the budget", flush=True)
+                    continue
+                row = run_setting(name, transformer, variant, config, scheduler_config, loop, resolution, args.batch_size,
+                                  args.rank, ckpt, compiled, args.warmup, args.steps, Path(tmp),
+                                  profile_it=args.profile and loop == "engine" and not ckpt and not compiled
+                                  and resolution == max(args.resolutions))
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            del transformer
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    print(table(rows), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    with torch.inference_mode(False), nullcontext():
+        main()
