@@ -12,10 +12,13 @@ EXIT_OK = 0
 
 
 class ProgressBars:
-    """The engine's progress(phase, done, total) callbacks as terminal bars with items/s and ETA."""
+    """The engine's progress(phase, done, total) callbacks as terminal bars with items/s and ETA.
+
+    While entered, log records go through `tqdm.write`: a warning (say, what an interrupted cache kept) gets a line
+    of its own above the bars instead of being glued to the end of one."""
 
     def __init__(self):
-        self.bars = {}
+        self.bars, self._logging = {}, None
 
     def __call__(self, phase: str, done: int, total: int) -> None:
         from tqdm import tqdm
@@ -28,16 +31,45 @@ class ProgressBars:
             bar.close()
 
     def __enter__(self):
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        self._logging = logging_redirect_tqdm()
+        self._logging.__enter__()
         return self
 
     def __exit__(self, *exc):
         for bar in self.bars.values():
             bar.close()
+        if self._logging is not None:
+            self._logging, redirect = None, self._logging
+            redirect.__exit__(None, None, None)
+
+
+class Interrupted(KeyboardInterrupt):
+    """The KeyboardInterrupt a SIGINT or SIGTERM raises, remembering which, so that the exit status says it.
+
+    A KeyboardInterrupt, so that everything already written to keep work across an interruption (the latent
+    cache's manifests, the trainer's cleanup) runs for SIGTERM exactly as for Ctrl+C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def interrupted_exit(exc: KeyboardInterrupt) -> int:
+    """Say on stderr, in one line, what stopped the command, and return the exit status: 128 + the signal's
+    number (130 for Ctrl+C / SIGINT, 143 for SIGTERM), as a shell reports a process a signal ended."""
+    signum = getattr(exc, "signum", signal.SIGINT)  # a bare KeyboardInterrupt is Ctrl+C seen by Python's handler
+    print(f"interrupted by {signal.Signals(signum).name}", file=sys.stderr)
+    return 128 + signum
 
 
 class StopOnSignal:
     """The first SIGINT/SIGTERM asks the trainer to stop after the current step and write a checkpoint (audit
-    4.4); a second one aborts at once. `code` is the exit status to end with: 128 + the signal's number."""
+    4.4); a second one aborts at once. `code` is the exit status to end with: 128 + the signal's number.
+
+    Outside training (before the first step, caching, any other command) a signal aborts at once by raising
+    `Interrupted`: the latent cache keeps what it encoded (latent_cache.py) and `interrupted_exit` gives the status."""
 
     def __init__(self):
         self.signal = None
@@ -46,7 +78,7 @@ class StopOnSignal:
     def _handle(self, signum, frame):
         if self.signal is not None or not self.training:
             signal.signal(signal.SIGINT, signal.default_int_handler)
-            raise KeyboardInterrupt
+            raise Interrupted(signum)
         self.signal = signum
         print(f"\n{signal.Signals(signum).name}: finishing this step and writing a checkpoint "
               "(press Ctrl+C again to abort now)", file=sys.stderr)
@@ -71,7 +103,7 @@ class TrainingBar:
         from tqdm import tqdm
 
         self.tqdm, self.desc, self.bar, self.stop = tqdm, desc, None, stop
-        self.setup = ProgressBars()
+        self.setup = ProgressBars().__enter__()  # left in `close`
 
     def on_progress(self, phase, done, total):
         self.setup(phase, done, total)

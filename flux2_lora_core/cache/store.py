@@ -6,9 +6,13 @@ must never feed stale or garbage tensors to training. So:
 
 - shards are written whole to a temporary name, flushed and renamed (a reader sees all or nothing);
 - the manifest, written the same way and last, is the only thing that makes a shard's entries live;
+- a build writes a shard as soon as one fills (or has waited FLUSH_SECONDS) and then the manifest, and again
+  when it is interrupted (`save`), so Ctrl+C keeps everything encoded and a killed build loses at most the
+  unwritten shard: the next build finds the listed entries and encodes only the rest;
 - every shard's size and SHA-256 are in the manifest, checked on open ("quick": size and header,
   "full": also the hash), and a damaged shard's entries are dropped, so the builder re-encodes them;
-- files the manifest does not know (left by a crash) are deleted on the next build.
+- files the manifest does not know (left by a crash) are deleted when a build completes (`commit`), and only
+  then are entries that build did not ask for dropped: an interrupted build never deletes anything.
 
 Reading is memory-mapped through safetensors' `safe_open`: nothing is unpickled, and training holds
 only the pages it touches.
@@ -19,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 import uuid
 from pathlib import Path
 
@@ -34,6 +39,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 SHARD_BYTES = 256 << 20  # a shard is written once this much is pending: bounds the memory a build holds
+FLUSH_SECONDS = 60.0     # ...or once the oldest pending tensor is this old: what a killed build can lose at most
 VERIFY_MODES = ("quick", "full")
 
 
@@ -52,9 +58,9 @@ class ShardStore:
         self.shards: dict[str, dict] = {}  # file name -> {"bytes": int, "sha256": str}
         self.extra: dict = {}
         self.damaged: list[tuple[str, str]] = []  # (shard file, reason) found by verify()
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_info: dict[str, dict] = {}
+        self._pending: dict[str, tuple[torch.Tensor, dict]] = {}  # key -> (tensor, info), not yet in a shard
         self._pending_bytes = 0
+        self._pending_since: float | None = None  # time.monotonic() of the oldest pending tensor
         self._readers: dict[str, object] = {}
 
     # ------------------------------------------------------------------------------------------ reading
@@ -132,37 +138,46 @@ class ShardStore:
 
     # ------------------------------------------------------------------------------------------ writing
     def put(self, key: str, tensor: torch.Tensor, **info) -> None:
-        """Stage a tensor; it becomes an entry when its shard is written (see `commit`)."""
+        """Stage a tensor. When a shard's worth is pending, or the oldest pending tensor has waited FLUSH_SECONDS,
+        the shard is written and listed in the manifest (`save`): a killed build loses at most that much work."""
         tensor = tensor.detach().to("cpu").contiguous()
-        self._pending[key] = tensor
-        self._pending_info[key] = info
+        self._pending[key] = (tensor, info)  # one assignment: an interrupt never leaves half an entry staged
         self._pending_bytes += tensor.numel() * tensor.element_size()
-        if self._pending_bytes >= SHARD_BYTES:
-            self.flush()
+        if self._pending_since is None:
+            self._pending_since = time.monotonic()
+        if self._pending_bytes >= SHARD_BYTES or time.monotonic() - self._pending_since >= FLUSH_SECONDS:
+            self.save()
 
     def flush(self) -> None:
-        """Write the staged tensors as one new shard. Until `commit` the manifest does not know it."""
+        """Write the staged tensors as one new shard and make them entries in memory (`save` lists them on disk)."""
         if not self._pending:
             return
+        pending = self._pending
         self.folder.mkdir(parents=True, exist_ok=True)
         name = f"shard-{uuid.uuid4().hex[:16]}.safetensors"
-        data = save(self._pending, metadata={"format": "pt"})
+        data = save({key: tensor for key, (tensor, _) in pending.items()}, metadata={"format": "pt"})
         write_atomically(self.folder / name, data)
+        # Interrupted from here on, a second flush writes the same tensors again: the first shard is then a
+        # leftover the next complete build deletes, never an entry pointing at missing data.
         self.shards[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-        for key, info in self._pending_info.items():
-            self.entries[key] = {"shard": name, **info}
-        self._pending, self._pending_info, self._pending_bytes = {}, {}, 0
+        self.entries.update({key: {"shard": name, **info} for key, (_, info) in pending.items()})
+        self._pending, self._pending_bytes, self._pending_since = {}, 0, None
+
+    def save(self) -> None:
+        """Flush and write the manifest with every entry so far: what an interrupted or killed build keeps.
+
+        Deletes nothing and drops no entry (other datasets' or settings' entries wait for `commit`), so it is
+        safe at any moment of a build; every entry it lists is in a shard already written whole."""
+        self.flush()
+        self._write_manifest()
 
     def commit(self, keep: set[str] | None = None) -> None:
-        """Flush, keep only the entries in `keep` (all when None), write the manifest, delete dead files."""
+        """The end of a complete build: flush, keep only the entries in `keep` (all when None), write the
+        manifest, delete dead files."""
         self.flush()
         if keep is not None:
             self.entries = {k: e for k, e in self.entries.items() if k in keep}
-        live = {e["shard"] for e in self.entries.values()}
-        self.shards = {name: info for name, info in self.shards.items() if name in live}
-        self.folder.mkdir(parents=True, exist_ok=True)
-        manifest = {"identity": self.identity, "shards": self.shards, "entries": self.entries, "extra": self.extra}
-        write_atomically(self.folder / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8"))
+        self._write_manifest()
         self.close()
         for path in self.folder.iterdir():
             if path.name != MANIFEST and path.name not in self.shards and path.is_file():
@@ -170,6 +185,13 @@ class ShardStore:
                     path.unlink(missing_ok=True)
                 except OSError as exc:  # Windows keeps files another process has mapped: next build retries
                     log.debug("could not delete %s yet: %s", path, exc)
+
+    def _write_manifest(self) -> None:
+        live = {e["shard"] for e in self.entries.values()}
+        self.shards = {name: info for name, info in self.shards.items() if name in live}
+        self.folder.mkdir(parents=True, exist_ok=True)
+        manifest = {"identity": self.identity, "shards": self.shards, "entries": self.entries, "extra": self.extra}
+        write_atomically(self.folder / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8"))
 
     @property
     def bytes_on_disk(self) -> int:
