@@ -119,6 +119,15 @@ class DataConfig(_Section):
     buckets: bool = option(True, "aspect-ratio buckets; false: centre square crops")
     max_aspect: float = option(4.0, "widest bucket's long/short side ratio", min=1)
     flip: bool = option(False, "random horizontal flips (both orientations are cached)")
+    # The dataset rule validate, cache and train share (data/report.py): files with errors are skipped and named.
+    min_images: int = option(1, "fewest usable images once files with errors are skipped; fewer stops validate, "
+                             "cache and train", min=1)
+    strict: bool = option(False, "any problem, warnings included, stops validate, cache and train instead of the "
+                          "files with errors being skipped")
+    max_caption_tokens: int = option(4096, "longest caption in the text encoder's tokens; a longer one is an error "
+                                     "and its image is skipped (encoding cost grows with the square of the length; "
+                                     "above 512 tokens 'comfyui' conditioning keeps every token, 'diffusers' cuts "
+                                     "the rest)", min=1)
     confine_to: tuple[str, ...] = option((), f"read dataset files only inside these folders ('{os.pathsep}'-separated; "
                                          "links leading out are skipped); empty: anywhere", sep=os.pathsep,
                                          check=_absolute_folders)

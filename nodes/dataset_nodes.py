@@ -10,7 +10,7 @@ from comfy_api.latest import io, ui
 
 from ..flux2_lora_core.errors import DatasetError, Flux2LoraError
 from .folders import dataset_folder, read_roots
-from .sockets import Dataset, check_values, refuse_at_queue
+from .sockets import Dataset, Model, check_values, refuse_at_queue
 
 CATEGORY = "FLUX.2 LoRA"
 
@@ -65,27 +65,32 @@ class ValidateDataset(io.ComfyNode):
             node_id="Flux2LoraValidateDataset",
             display_name="Validate Dataset (FLUX.2 LoRA)",
             category=CATEGORY,
-            description="Checks every image and caption at once and stops the graph with a full report if the dataset is unusable.",
+            description="Checks every image and caption at once. Files with errors are named and skipped (Cache Latents and Train skip the same ones); the graph stops with the full report when the dataset is unusable: too few good images left, an unreadable folder or metadata file, or any problem when strict.",
             inputs=[
                 Dataset.Input("dataset"),
-                io.Boolean.Input("strict", default=False, tooltip="Treat warnings (missing captions, small images, duplicates) as errors."),
-                io.Int.Input("min_images", default=1, min=1, max=100000),
+                io.Boolean.Input("strict", default=False, tooltip="Any problem, warnings included (missing captions, small images, duplicates), stops the graph instead of files with errors being skipped."),
+                io.Int.Input("min_images", default=1, min=1, max=100000, tooltip="Fewest usable images once the files with errors are skipped."),
                 io.Int.Input("resolution", default=1024, min=256, max=4096, step=64, tooltip="Training resolution, for bucket and cache-size statistics."),
+                Model.Input("model", optional=True, tooltip="Optional, from Load Training Model: its tokenizer counts caption tokens exactly (else they are estimated), and its text_conditioning says what happens to tokens past 512."),
             ],
             outputs=[Dataset.Output(display_name="dataset"), io.String.Output(display_name="report")],
             is_output_node=True,
         )
 
     @classmethod
-    def validate_inputs(cls, input_types, dataset=None):
-        return refuse_at_queue(cls, input_types, dict(dataset=dataset))
+    def validate_inputs(cls, input_types, dataset=None, model=None):
+        # `model` is optional: a literal is refused, nothing linked is fine.
+        return refuse_at_queue(cls, input_types, dict(dataset=dataset, **({} if model is None else {"model": model})))
 
     @classmethod
-    def execute(cls, dataset, strict, min_images, resolution) -> io.NodeOutput:
+    def execute(cls, dataset, strict, min_images, resolution, model=None) -> io.NodeOutput:
+        from ..flux2_lora_core.cache import open_encoders
         from ..flux2_lora_core.data import validate_dataset
 
-        check_values(dataset=dataset)
-        report = validate_dataset(dataset, strict=strict, min_images=min_images, resolution=resolution)
+        check_values(dataset=dataset, **({} if model is None else {"model": model}))
+        tokenizer = open_encoders(model).tokenizer() if model is not None else None
+        report = validate_dataset(dataset, strict=strict, min_images=min_images, resolution=resolution,
+                                  tokenizer=tokenizer, text_conditioning=getattr(model, "text_conditioning", "comfyui"))
         text = report.format_text()
         if not report.usable:
             raise DatasetError(f"the dataset is not usable for training:\n{text}")

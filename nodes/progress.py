@@ -127,7 +127,7 @@ class ComfyProgress:
         where = os.path.relpath(result.run_dir, folder_paths.get_output_directory())
         summary = "\n".join([head, f"LoRA: {lora or '-'}", f"run folder: output/{where}",
                              f"final loss: {final:.4g}" if final is not None else "final loss: -",
-                             f"time: {time.monotonic() - self.started:.0f} s"])
+                             f"time: {time.monotonic() - self.started:.0f} s", *filter(None, [result.skipped])])
         phase = ("cancelled" if self.interrupted else "stopped") if result.stopped_early else "done"
         self.finish(phase, summary, run=run, lora=lora, step=result.steps, final_loss=_number(final))
         if phase == "cancelled":

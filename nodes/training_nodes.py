@@ -191,7 +191,7 @@ def cache_counts(summary) -> dict:
     """Cache Latents' summary as numbers for the browser."""
     return {"images_encoded": summary.images_encoded, "images_reused": summary.images_reused,
             "captions_encoded": summary.captions_encoded, "captions_reused": summary.captions_reused,
-            "mib_on_disk": round(summary.bytes_on_disk / 2**20, 2), "skipped": len(summary.skipped)}
+            "mib_on_disk": round(summary.bytes_on_disk / 2**20, 2), "skipped": len(summary.skipped) + summary.screened_out}
 
 
 def run_losses(run_dir: Path) -> list[float]:

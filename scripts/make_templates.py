@@ -32,11 +32,13 @@ def dataset(x: int, y: int) -> dict:
 
 
 def training(files: dict, *, lora: dict, x: int = 40, y: int = 80, resume: str = "", name: str = "my_lora") -> dict:
-    """Load Dataset -> Validate Dataset -> Cache Latents <- Load Training Model; Configure LoRA; Train; Save LoRA;
-    Plot Loss Graph."""
+    """Load Dataset -> Validate Dataset -> Cache Latents <- Load Training Model (also into Validate); Configure LoRA;
+    Train; Save LoRA; Plot Loss Graph."""
     return {
         **dataset(x, y),
-        "8": ({"class_type": "Flux2LoraValidateDataset", "inputs": {"dataset": ["1", 0]}}, (x, y + 240)),
+        # the model's tokenizer counts caption tokens as the cache build will: both skip the same files
+        "8": ({"class_type": "Flux2LoraValidateDataset", "inputs": {"dataset": ["1", 0], "model": ["2", 0]}},
+              (x, y + 240)),
         "2": ({"class_type": "Flux2LoraLoadTrainingModel", "inputs": dict(files)}, (x, y + 600)),
         "3": ({"class_type": "Flux2LoraCacheLatents",
                "inputs": {"dataset": ["8", 0], "model": ["2", 0], "resolution": "1024"}}, (x + 440, y)),

@@ -76,6 +76,10 @@ class LoadedEncoders:
     def fingerprint(self, part: str) -> str:
         return self._fingerprints[part]
 
+    def tokenizer(self):
+        """The text encoder's tokenizer, for counting caption tokens before anything is encoded."""
+        return self._text[1]
+
     @contextmanager
     def vae(self):
         yield self._vae
@@ -103,6 +107,13 @@ class FileEncoders:
 
     def fingerprint(self, part: str) -> str:
         return self._fingerprints[part]
+
+    def tokenizer(self):
+        """The text encoder's tokenizer alone (a second or so; no weights), to count caption tokens before anything
+        is encoded: validation measures captions in the tokens the text encoder will see."""
+        from ..models import load_tokenizer
+
+        return load_tokenizer(self.sources.tokenizer, self.sources.text_encoder)
 
     @contextmanager
     def vae(self):

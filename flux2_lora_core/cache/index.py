@@ -55,9 +55,12 @@ class CacheSummary:
     rebuilt_shards: list[tuple[str, str]] = field(default_factory=list)  # (shard, what was wrong)
     bytes_on_disk: int = 0
     seconds: float = 0.0
+    screened: str = ""  # validation's "usable: N of M images; these K will be skipped: ..." (data/report.py)
+    screened_out: int = 0  # the K images of that line, left out before the build
 
     def format_text(self) -> str:
-        lines = [f"latents: {self.images_encoded} encoded, {self.images_reused} reused; "
+        lines = [self.screened] if self.screened else []
+        lines += [f"latents: {self.images_encoded} encoded, {self.images_reused} reused; "
                  f"captions: {self.captions_encoded} encoded, {self.captions_reused} reused; "
                  f"{self.bytes_on_disk / 2**20:.1f} MiB on disk; {self.seconds:.1f} s"]
         lines += [f"rebuilt damaged shard {name}: {reason}" for name, reason in self.rebuilt_shards]

@@ -11,6 +11,10 @@ part of its memory: with everything cached, training needs neither. A build ther
 3. encodes the rest, writes new shards, then the manifests (see store.py), and releases the
    encoders before it returns.
 
+A build that stops early (Ctrl+C, SIGTERM, ComfyUI's Cancel raised from `progress`, an error) lists what
+it encoded in the manifests before the exception goes on, and a killed one has listed every full shard:
+the next build reuses those entries and encodes only the rest.
+
 The empty caption is always cached, so caption dropout works without the text encoder. With flips
 on, both orientations are encoded: a flipped latent is never derived from an unflipped one.
 """
@@ -113,23 +117,44 @@ def build_latent_cache(dataset, encoders, settings: CacheSettings = CacheSetting
                             "text_encoder": encoders.fingerprint("text"), "mode": settings.text_conditioning}
                            ).load(verify)
         summary.rebuilt_shards = latents.damaged + texts.damaged
-        items, captions, todo = _plan(dataset, settings, latents, summary)
         extra = {text_key(p): p for p in prompts}
-        _encode_latents(dataset, encoders, todo, latents, batch_size, progress, summary)
-        empty_key = _encode_captions(encoders, {**captions, **extra}, texts, family, settings, batch_size, progress, summary)
-        skipped = {path for path, _ in summary.skipped}
-        items = [item for item in items if item.path not in skipped]
-        if not items:
-            raise DatasetError(f"no image of {dataset.root} could be cached:\n  "
-                               + "\n  ".join(f"{p}: {r}" for p, r in summary.skipped[:20]))
-        latents.commit(keep={k for item in items for keys in item.latent_keys.values() for k in keys})
-        texts.commit(keep={item.caption_key for item in items} | {empty_key} | extra.keys())
+        known = (set(latents.entries), set(texts.entries))
+        try:
+            items, captions, todo = _plan(dataset, settings, latents, summary)
+            _encode_latents(dataset, encoders, todo, latents, batch_size, progress, summary)
+            empty_key = _encode_captions(encoders, {**captions, **extra}, texts, family, settings, batch_size,
+                                         progress, summary)
+            skipped = {path for path, _ in summary.skipped}
+            items = [item for item in items if item.path not in skipped]
+            if not items:
+                raise DatasetError(f"no image of {dataset.root} could be cached:\n  "
+                                   + "\n  ".join(f"{p}: {r}" for p, r in summary.skipped[:20]))
+            latents.commit(keep={k for item in items for keys in item.latent_keys.values() for k in keys})
+            texts.commit(keep={item.caption_key for item in items} | {empty_key} | extra.keys())
+        except BaseException:  # Ctrl+C, SIGTERM, ComfyUI's Cancel, out of memory, a bad file...
+            _keep_work(root, (latents, texts), known)
+            raise
         summary.bytes_on_disk = latents.bytes_on_disk + texts.bytes_on_disk
         summary.seconds = time.perf_counter() - started
         cache = LatentCache(root, items, family, settings, latents, texts, empty_key, summary)
         write_atomically(root / INDEX, json.dumps(index_of(cache), indent=1).encode())
     log.debug("latent cache %s: %s", root, summary.format_text())
     return cache
+
+
+def _keep_work(root: Path, stores, known) -> None:
+    """After an interrupted or failed build: list what was encoded in the manifests, so the next build encodes
+    only the rest. Nothing is deleted (that waits for a complete build); the exception itself goes on."""
+    try:
+        for store in stores:
+            store.save()
+    except Exception as error:  # a full disk must not hide why the build stopped
+        log.warning("latent cache %s: could not keep the work of the stopped build (%s)", root, error)
+        return
+    latents, captions = (len(store.entries.keys() - before) for store, before in zip(stores, known))
+    if latents or captions:
+        log.warning("latent cache %s: kept the %d latents and %d captions encoded before the stop; the next build "
+                    "encodes only the rest", root, latents, captions)
 
 
 def _plan(dataset, settings, latents, summary):
@@ -192,8 +217,9 @@ def _encode_latents(dataset, encoders, todo, store, batch_size, progress, summar
                         store.put(key, latent)
                     summary.images_encoded += len(keys)
                 done += sum(len(k) for _, k in work[start:start + batch_size])
-                if progress:
+                if progress:  # may raise (ComfyUI's Cancel): the build keeps what was put so far
                     progress("latents", done, total)
+    store.save()  # before the text encoder loads, which can take minutes: a killed build keeps every latent
 
 
 def _encode_with_backoff(vae, pixels: torch.Tensor) -> torch.Tensor:
@@ -233,18 +259,30 @@ def _encode_captions(encoders, captions, store, family, settings, batch_size, pr
 
 def cache_for_config(config, *, encoders=None, progress=None, prompts=()):
     """(LatentCache, encoders) for a config's model, data and cache sections: what `flux2-lora cache`, the
-    trainer and the Cache Latents node all do. Encoders open from config.model unless given."""
-    from ..data import load_dataset
+    trainer and the Cache Latents node all do. Encoders open from config.model unless given.
+
+    The dataset is validated first, by the rule `flux2-lora validate` applies (data/report.py; data.min_images,
+    data.strict, data.max_caption_tokens, caption lengths counted with the model's tokenizer): an unusable dataset
+    is a DatasetError carrying the report, and images with errors are left out, named in the log and in the
+    cache summary, so nothing is skipped without a word and nothing validate refuses is trained on.
+    """
+    from ..data import load_dataset, screen, skip_summary, validate_data
     from .frozen_encoders import open_encoders
 
     data = config.data
     dataset = load_dataset(data.path, caption_extensions=data.caption_extensions, trigger_word=data.trigger_word,
                            repeats=data.repeats, recursive=data.recursive, confine_to=data.confine_to)
     encoders = encoders or open_encoders(config.model)
+    tokenizer = encoders.tokenizer() if hasattr(encoders, "tokenizer") else None
+    report = validate_data(data, dataset=dataset, tokenizer=tokenizer,
+                           text_conditioning=config.model.text_conditioning)
+    dataset = screen(dataset, report)
     settings = CacheSettings(resolutions=data.resolution, buckets=data.buckets, max_aspect=data.max_aspect,
                              flip=data.flip, text_conditioning=config.model.text_conditioning)
     cache = build_latent_cache(dataset, encoders, settings, cache_dir=config.cache.resolved_dir,
                                batch_size=config.cache.batch_size, verify=config.cache.verify, progress=progress,
                                prompts=prompts)
+    cache.summary.screened = skip_summary(report) if report.skipped else ""
+    cache.summary.screened_out = len(report.skipped)
     return cache, encoders
 

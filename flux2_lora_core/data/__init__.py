@@ -10,5 +10,7 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "dataset": ("Dataset", "load_dataset"),
     "demo_data": ("TRIGGER", "write_demo_dataset"),
     "images": ("file_sha256", "load_image_rgb", "probe_image"),
-    "validation": ("ValidationReport", "validate_dataset"),
+    "report": ("Problem", "ValidationReport", "skip_summary", "skipped_images"),
+    "screening": ("screen", "validate_data"),
+    "validation": ("MAX_CAPTION_TOKENS", "validate_dataset"),
 })

@@ -35,7 +35,7 @@ from ..errors import ConfigError, DatasetError, PathNotAllowedError
 from .captions import CaptionSource, normalise_caption_extensions, parse_metadata_line, with_trigger
 from .images import IMAGE_EXTENSIONS, file_sha256, open_regular_file
 
-OTHER_IMAGE_EXTENSIONS = frozenset({".gif", ".heic", ".heif", ".avif", ".jxl", ".jfif", ".svg", ".psd", ".dng"})
+OTHER_IMAGE_EXTENSIONS = frozenset({".heic", ".heif", ".avif", ".jxl", ".jfif", ".svg", ".psd", ".dng"})
 SKIPPED_FOLDERS = frozenset({"__MACOSX", "@eaDir", "__pycache__"})  # plus every hidden ".name"
 LARGE_REPEATS = 100  # a folder like "2023_trip" would mean 2023 repeats: warn above this
 _REPEAT_FOLDER = re.compile(r"(\d+)_.+")
@@ -162,7 +162,8 @@ def scan_dataset(path, *, caption_extensions=(".txt",), trigger_word: str = "", 
         sidecar = next((stems[e] for e in exts if e in stems), None)
         source = CaptionSource(sidecar) if sidecar else captions.get(parts)
         items.append(DatasetItem(root.joinpath(*parts), source, folder_repeats * repeats, trigger))
-    image_stems = {(parts[:-1], os.path.splitext(parts[-1])[0]) for parts in scan.images}
+    # A caption beside an unsupported image (x.heic + x.txt) is not an orphan: the image is reported instead.
+    image_stems = {(parts[:-1], os.path.splitext(parts[-1])[0]) for parts in scan.images} | scan.unsupported
     for folder, stems in sorted(scan.captions.items()):
         for stem, found in sorted(stems.items()):
             for path in sorted(found.values()) if (folder, stem) not in image_stems else ():
@@ -179,6 +180,7 @@ class _Scan:
         self.images: dict[tuple[str, ...], int] = {}  # relative parts -> folder repeats
         self.captions: dict[tuple[str, ...], dict[str, dict[str, Path]]] = {}  # folder -> stem -> ext -> path
         self.metadata: list[tuple[tuple[str, ...], Path]] = []
+        self.unsupported: set[tuple[tuple[str, ...], str]] = set()  # (folder, stem) of images in formats not read
         self.notes: list[ScanNote] = []
         st = os.stat(root)
         seen, stack = {(st.st_dev, st.st_ino)}, [((), 1)]
@@ -203,6 +205,7 @@ class _Scan:
                     stem = name[:len(name) - len(cap)]
                     self.captions.setdefault(folder, {}).setdefault(stem, {})[cap] = self.root.joinpath(*parts)
                 elif ext in OTHER_IMAGE_EXTENSIONS:
+                    self.unsupported.add((folder, os.path.splitext(name)[0]))
                     self.note("warning", "unsupported_image", parts, f"{ext} files are not read",
                               f"convert it to PNG or JPEG ({', '.join(sorted(IMAGE_EXTENSIONS))} are read)")
 

@@ -29,8 +29,9 @@ from ..errors import ImageError
 # when another node pack sets Image.MAX_IMAGE_PIXELS = None, and training (at most a few megapixels)
 # never needs more.
 MAX_IMAGE_PIXELS = 178_956_970
-# The formats a dataset may hold (matched case-insensitively); others are reported, not read.
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
+# The formats a dataset may hold (matched case-insensitively); others are reported, not read. A GIF (like an
+# animated WebP) trains on its first frame, composited on white where it is transparent.
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 PILLOW_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")  # JPEG includes MPO (phone photos)
 _CHUNK = 1 << 20
 _SWAPS_SIDES = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 degrees

@@ -51,6 +51,7 @@ class TrainingResult:
     losses: list[float]         # per optimizer step of this call (mean of its micro-batches), the last LOSS_HISTORY
     samples: list[Path] = field(default_factory=list)
     curves: Path | None = None
+    skipped: str = ""           # the dataset files left out, as validation words it (CacheSummary.screened)
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -99,7 +100,7 @@ def setup(config: Config, callbacks: Callbacks, encoders=None, transformer=None,
     from ..cache import cache_for_config, source_fingerprint
     from ..models import load_transformer, resolve_sources, weights_fingerprint
 
-    check_training_config(config)
+    check_training_config(config, run_dir=resume[0] if resume else None)   # every path, before anything loads
     t, given = config.train, transformer is not None
     callbacks.on_phase("caching")
     cache, encoders = cache_for_config(config, encoders=encoders, progress=callbacks.on_progress,
@@ -389,4 +390,5 @@ def train(config: Config, callbacks: Callbacks | None = None, *, encoders=None, 
                     log.warning("the final samples failed (%s); the LoRA is at %s", exc, lora_path)
         finally:
             cleanup(s, release_model=transformer is None)
-    return TrainingResult(s.run_dir, lora_path, s.step, stopped, list(s.losses), list(s.samples), curves)
+    return TrainingResult(s.run_dir, lora_path, s.step, stopped, list(s.losses), list(s.samples), curves,
+                          s.cache.summary.screened)

@@ -122,8 +122,8 @@ def hostile_dataset(tmp_path, make_image, write_text, truncated_copy):
         "cut.jpg": "truncated_image", "cut.png": "truncated_image", "pipe.png": "not_an_image",
         "loop.png": "unreadable_image", "bomb.png": "decompression_bomb", "tiny.png": "too_small",
         "small.png": "small_image", "nocap.jpg": "missing_caption", "badcap.txt": "caption_not_utf8",
-        "blank.txt": "empty_caption", "long.txt": "long_caption", "orphan.txt": "orphan_caption",
-        "dup_a.png": "duplicate_image", "anim.webp": "animated_image", "clip.gif": "unsupported_image",
+        "blank.txt": "empty_caption", "long.txt": "caption_too_long", "orphan.txt": "orphan_caption",
+        "dup_a.png": "duplicate_image", "anim.webp": "animated_image", "clip.gif": "missing_caption",
     }
     return root, expected
 
@@ -146,3 +146,22 @@ def training_files(tmp_path_factory):
         return made[variant, images]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def stop_after():
+    """Callbacks that ask the trainer to stop once step N is done: `train(config, stop_after(N))` (what Ctrl+C and
+    ComfyUI's Stop and save ask for)."""
+    from flux2_lora_core.training import Callbacks
+
+    class StopAfter(Callbacks):
+        def __init__(self, steps):
+            self.steps, self.seen = steps, 0
+
+        def on_step(self, report):
+            self.seen = report.step
+
+        def should_stop(self):
+            return self.seen >= self.steps
+
+    return StopAfter

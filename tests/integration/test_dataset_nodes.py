@@ -41,11 +41,13 @@ def test_valid_dataset_reports_usable(comfyui, make_dataset):
     assert "3 found, 3 usable" in report
 
 
-def test_corrupt_image_stops_the_graph_naming_the_file(comfyui, make_dataset):
+def test_a_corrupt_image_is_skipped_and_named_unless_strict(comfyui, make_dataset):
     folder = make_dataset("corrupt_set", count=2)
     (folder / "broken_photo.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 8)
     (folder / "broken_photo.txt").write_text("a broken photo", encoding="utf-8")
-    error = error_of(comfyui.run(dataset_graph("corrupt_set")))
+    report = report_of(comfyui.run(dataset_graph("corrupt_set")))  # Cache Latents and Train skip the same file
+    assert "usable: 2 of 3 images; this one will be skipped" in report and "broken_photo.png" in report
+    error = error_of(comfyui.run(dataset_graph("corrupt_set", strict=True)))
     assert error["node_type"] == "Flux2LoraValidateDataset"
     assert "broken_photo.png" in error["exception_message"]
     assert "NOT USABLE" in error["exception_message"]

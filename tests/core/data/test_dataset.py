@@ -24,17 +24,35 @@ def names(ds: Dataset) -> list[str]:
 
 def test_every_extension_in_any_case_is_an_image_and_nothing_else_is(tmp_path, make_image, write_text):
     files = ["a.jpg", "b.JPG", "c.jpeg", "d.JpEg", "e.png", "f.PNG", "g.webp", "h.WEBP", "i.bmp", "j.Bmp",
-             "k.tif", "l.TIF", "m.tiff", "n.TIFF"]
+             "k.tif", "l.TIF", "m.tiff", "n.TIFF", "o.gif", "p.GIF"]
     for name in files:
         ext = os.path.splitext(name)[1].lower()
         fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "TIFF", ".tiff": "TIFF"}.get(ext, ext[1:].upper())
         make_image(tmp_path / name, format=fmt)
-    make_image(tmp_path / "x.gif")
+    make_image(tmp_path / "x.heic", format="PNG")
+    write_text(tmp_path / "x.txt", "the caption of an unsupported image is not an orphan: the image is reported")
     write_text(tmp_path / "notes.md", "hello")
-    assert IMAGE_EXTENSIONS == {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+    assert IMAGE_EXTENSIONS == {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
     ds = load_dataset(tmp_path)
-    assert names(ds) == files and len(ds) == 14 and ds.root == tmp_path.resolve()
+    assert names(ds) == files and len(ds) == 16 and ds.root == tmp_path.resolve()
     assert [n.code for n in ds.notes] == ["unsupported_image"]
+
+
+def test_a_gif_trains_on_its_first_frame_with_its_caption(tmp_path, write_text):
+    from PIL import Image
+
+    from flux2_lora_core.data.images import load_image_rgb
+    from flux2_lora_core.data.validation import validate_dataset
+
+    frames = [Image.new("RGB", (300, 300), c) for c in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(tmp_path / "clip.gif", save_all=True, append_images=frames[1:])
+    write_text(tmp_path / "clip.txt", "a red frame")
+    ds = load_dataset(tmp_path)
+    assert names(ds) == ["clip.gif"] and ds.caption(0) == "a red frame" and ds.notes == ()  # not an orphan
+    assert load_image_rgb(ds[0].image_path).getpixel((150, 150)) == (255, 0, 0)
+    report = validate_dataset(ds)
+    assert report.usable and report.errors == [] and report.stats["images"]["valid_pairs"] == 1
+    assert {p.code for p in report.warnings} == {"animated_image", "small_image"}
 
 
 def test_sidecar_captions_first_existing_extension_wins(tmp_path, make_image, write_text):

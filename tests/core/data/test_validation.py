@@ -74,7 +74,8 @@ def test_every_hostile_file_is_reported_at_once(hostile_dataset):
     start = time.monotonic()
     report = validate_dataset(root)
     assert time.monotonic() - start < 10
-    assert not report.usable
+    assert report.usable  # every error is about one file: those are skipped, the rest trains
+    assert not validate_dataset(root, strict=True).usable
     found: dict[str, set[str]] = {}
     for p in report.problems:
         found.setdefault(p.path, set()).add(p.code)
@@ -85,8 +86,11 @@ def test_every_hostile_file_is_reported_at_once(hostile_dataset):
     assert "dup_b.png" in dup.message
     assert {p.path for p in report.errors} >= {"empty.png", "cut.jpg", "bomb.png", "badcap.txt", "pipe.png"}
     assert "badcap.png" in next(p.message for p in report.problems if p.code == "caption_not_utf8")
+    assert set(report.skipped) == {p.image for p in report.errors} == {
+        "empty.png", "text.png", "page.jpg", "cut.jpg", "cut.png", "pipe.png", "loop.png", "bomb.png", "tiny.png",
+        "badcap.png", "long.png"}  # long.png: its caption is over max_caption_tokens
     s = report.stats["images"]
-    assert s["usable"] == 10 and s["valid_pairs"] == 3  # good1, good2, long
+    assert s["usable"] == 9 and s["valid_pairs"] == 2  # good1, good2
     assert report.stats["captions"]["tokens"]["max"] == 2_500_000  # sized from the byte count
 
 
@@ -103,8 +107,10 @@ def test_huge_caption_files_are_read_only_in_part(tmp_path, make_image, write_te
     monkeypatch.setattr(CaptionSource, "peek", peek)
     report = validate_dataset(tmp_path)
     assert seen == [(validation.CAPTION_PEEK_BYTES, validation.CAPTION_PEEK_BYTES, 5_000_000)]
-    assert codes(report) == {"a.txt": "long_caption"}
-    assert "about 1250000 tokens" in report.problems[0].message
+    assert codes(report) == {"a.txt": "caption_too_long"}  # sized from the byte count, not the part read
+    (long,) = [p for p in report.problems if p.path]
+    assert "1250000 tokens (estimated" in long.message and report.skipped.keys() == {"a.png"}
+    assert [p.code for p in report.problems if not p.path] == ["too_few_images"]  # nothing left to train on
 
 
 def test_strict_turns_warnings_into_errors(tmp_path, make_image, write_text):
@@ -126,7 +132,7 @@ def test_min_images_and_empty_folders(tmp_path, make_image, write_text):
     make_image(tmp_path / "two" / "b.png", (100, 100))
     write_text(tmp_path / "two" / "a.txt", "a")
     write_text(tmp_path / "two" / "b.txt", "b")
-    assert validate_dataset(tmp_path / "two").usable is False  # b.png is too small
+    assert validate_dataset(tmp_path / "two").skipped.keys() == {"b.png"}  # too small: skipped, a.png trains
     report = validate_dataset(tmp_path / "two", min_images=2)
     assert [p.code for p in report.errors] == ["too_few_images", "too_small"]
     assert "min_images=2" in report.errors[0].message
@@ -166,7 +172,8 @@ def test_permission_denied_files_are_reported(tmp_path, make_image, write_text, 
     monkeypatch.setattr(os, "open", deny)
     report = validate_dataset(tmp_path)
     assert codes(report) == {"a.png": "unreadable_image", "b.txt": "unreadable_caption"}
-    assert all("ermission denied" in p.message for p in report.problems)
+    assert all("ermission denied" in p.message for p in report.problems if p.path)
+    assert not report.usable and "once the 2 with errors are skipped" in report.errors[0].message
 
 
 def test_non_utf8_names_are_shown_escaped_in_text_and_json(tmp_path, make_image):
@@ -182,9 +189,10 @@ def test_to_dict_is_json_with_stable_keys(hostile_dataset):
     data = json.loads(json.dumps(report.to_dict(), ensure_ascii=False))
     assert list(data) == ["usable", "root", "summary", "stats", "problems"]
     assert data["summary"] == {"errors": len(report.errors), "warnings": len(report.warnings), "strict": False,
-                               "images": 19, "usable_images": 10, "valid_pairs": 3}
+                               "images": 20, "usable_images": 9, "valid_pairs": 2,
+                               "skipped_images": list(report.skipped)}
     assert list(data["stats"]) == ["images", "captions", "resolution", "buckets", "latent_cache"]
-    assert set(data["problems"][0]) == {"severity", "code", "path", "message", "fix", "line"}
+    assert set(data["problems"][0]) == {"severity", "code", "path", "message", "fix", "line", "image"}
     assert len(data["problems"]) == len(report.problems)
 
 
@@ -194,7 +202,8 @@ def test_format_text_names_files_groups_codes_and_caps_long_lists(tmp_path, make
     (tmp_path / "zero.png").write_bytes(b"")
     report = validate_dataset(tmp_path)
     text = report.format_text()
-    assert text.splitlines()[0].startswith(f"Dataset {tmp_path}: NOT USABLE (1 error, 25 warnings)")
+    assert text.splitlines()[0].startswith(f"Dataset {tmp_path}: usable (1 error, 25 warnings)")
+    assert text.splitlines()[1].startswith("usable: 25 of 26 images; this one will be skipped")
     for words in ("Statistics", "latent cache", "buckets @1024", "Errors (1)", "Warnings (25)",
                   "zero.png: the file is empty (0 bytes)", "images without a caption [missing_caption] (25)",
                   "img00.png", "img09.png", "... and 15 more"):
