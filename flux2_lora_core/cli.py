@@ -1,7 +1,8 @@
 """`flux2-lora`: the engine's command line.
 
 Exit codes are a contract that scripts rely on: 0 success, 1 the input is unusable (a clear
-message on stderr, never a traceback), 2 bad usage (argparse's own convention). Heavy modules
+message on stderr, never a traceback), 2 bad usage (argparse's own convention), 130 / 143 stopped
+by SIGINT (Ctrl+C) / SIGTERM, with the work done so far kept (checkpoint, latent cache). Heavy modules
 are imported inside the command that needs them so `flux2-lora --help` and `validate` start fast.
 """
 
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import ConfigError, Flux2LoraError
-from .terminal import ProgressBars, StopOnSignal, TrainingBar
+from .terminal import ProgressBars, StopOnSignal, TrainingBar, interrupted_exit
 
 logger = logging.getLogger("flux2_lora_core")
 
@@ -49,13 +50,27 @@ def extensions(text: str) -> tuple[str, ...]:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from .data import validate_dataset
+    """The rule cache and train apply (data/report.py), on the same keys: the flags, else --config's data.* and
+    model.*; the model's tokenizer, when one is named, counts caption tokens."""
+    from .config import load_config
+    from .data import validate_data
 
-    report = validate_dataset(
-        args.path, strict=args.strict, min_images=args.min_images, resolution=args.resolution,
-        caption_extensions=args.caption_ext, trigger_word=args.trigger_word, recursive=args.recursive,
-        model_variant=args.model_variant,
-    )
+    if not (args.path or args.config):
+        args.parser.error("give the dataset folder, or --config FILE with data.path")
+    flags = {"data.path": args.path, "data.strict": args.strict, "data.min_images": args.min_images,
+             "data.max_caption_tokens": args.max_caption_tokens, "data.caption_extensions": args.caption_ext,
+             "data.resolution": args.resolution and [args.resolution], "data.trigger_word": args.trigger_word,
+             "data.recursive": args.recursive, "model.path": args.model, "model.variant": args.model_variant,
+             "model.text_conditioning": args.text_conditioning}
+    config = load_config(args.config).replace({key: value for key, value in flags.items() if value is not None})
+    tokenizer = None
+    if config.model.path:  # loads the tokenizer alone (torch and transformers are imported only here)
+        from .cache import open_encoders
+
+        tokenizer = open_encoders(config.model).tokenizer()
+    variant = config.model.variant if config.model.variant != "auto" else "flux2-klein-4b"
+    report = validate_data(config.data, tokenizer=tokenizer, text_conditioning=config.model.text_conditioning,
+                           model_variant=variant)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
     else:
@@ -80,8 +95,10 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
 def cmd_cache(args: argparse.Namespace) -> int:
     from .cache import cache_for_config
     from .config import check_paths, load_config
+    from .preflight import cache_dir_problems
 
-    config = load_config(args.config, args.overrides, check=lambda c: check_paths(c, needs=("model", "data")))
+    config = load_config(args.config, args.overrides,
+                         check=lambda c: check_paths(c, needs=("model", "data")) + cache_dir_problems(c))
     with ProgressBars() as progress:
         cache, _ = cache_for_config(config, progress=progress)
     print(f"cached {len(cache)} images of {config.data.path} in {cache.root}")
@@ -98,17 +115,34 @@ def _load(args: argparse.Namespace):
                        check=training_problems)
 
 
+def _command() -> str:
+    """`flux2-lora` as this shell can run it again, for the commands we print: the bare name only where PATH finds
+    this very program; else its full path (a venv not activated, as after scripts/demo.sh), else `python -m`."""
+    import os
+    import shlex
+    import shutil
+
+    me = os.path.abspath(sys.argv[0])
+    if os.path.basename(me) != "flux2-lora":    # started as `python -m flux2_lora_core`
+        return f"{shlex.quote(sys.executable)} -m flux2_lora_core"
+    found = shutil.which("flux2-lora")
+    return "flux2-lora" if found and os.path.exists(me) and os.path.samefile(found, me) else shlex.quote(me)
+
+
 def _report(result) -> None:
+    import shlex
+
     print(f"trained {result.steps} steps{' (stopped early)' if result.stopped_early else ''}; run folder "
           f"{result.run_dir}")
     if result.lora_path is None:
         return
     if result.stopped_early:
-        print(f"  resume:  flux2-lora resume {result.run_dir}")
+        print(f"  resume:  {_command()} resume {shlex.quote(str(result.run_dir))}")
     print(f"  LoRA:    {result.lora_path}")
     print(f"  curves:  {result.curves}")
-    if result.samples:
-        print(f"  samples: {result.samples[0].parent} ({len(result.samples)} images)")
+    if result.samples:   # on resume, the whole run's (resume.earlier_samples)
+        count = len(result.samples)
+        print(f"  samples: {result.samples[0].parent} ({count} image{'s' if count != 1 else ''})")
 
 
 def _run(start, desc: str) -> int:
@@ -163,17 +197,26 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .lora_files import export_lora
 
     out = export_lora(args.source, fmt=args.format, out=args.out)
-    print(f"wrote {args.format} LoRA {out}")
+    print(f"wrote {args.format} LoRA {out}")   # the one line: the engine logs the write at debug level only
     return EXIT_OK
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    import shlex
+    import shutil
+
     from .demo import run_demo
 
     code = _run(lambda callbacks: run_demo(args.output, steps=args.steps, callbacks=callbacks,
                                            overrides=args.overrides), "demo")
     print("the first samples show the model before training, the last after; load the LoRA in ComfyUI with any "
           "LoRA loader, or in diffusers with pipe.load_lora_weights")
+    command = _command()
+    if command != "flux2-lora" and not shutil.which("flux2-lora"):   # scripts/demo.sh runs the venv's copy
+        activate = Path(sys.prefix, "bin", "activate")
+        print(f"flux2-lora is not on your PATH: run it as {command}" + (
+            f", or first `source {shlex.quote(str(activate))}` to use the bare name in this shell"
+            if activate.is_file() else ""))
     return code
 
 
@@ -203,21 +246,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="check a dataset folder and report every problem at once",
                        description="Check every image and caption in a dataset folder. Exit 0 when the dataset "
-                                   "is usable (warnings allowed), 1 when it is not, 2 on bad usage.")
-    p.add_argument("path", help="the dataset folder")
+                                   "is usable: files with errors are named and skipped (cache and train skip the "
+                                   "same ones), warnings are allowed; 1 when it is not (no images, fewer than "
+                                   "--min-images left, a folder or metadata file unreadable, or any problem with "
+                                   "--strict); 2 on bad usage. Settings not given come from --config (data.*, "
+                                   "model.*), else the defaults.")
+    p.add_argument("path", nargs="?", help="the dataset folder (default: data.path of --config)")
+    p.add_argument("--config", metavar="FILE", help="a YAML config: its data.* and model.* keys, under these flags")
     p.add_argument("--json", action="store_true", help="print a machine-readable report")
-    p.add_argument("--strict", action="store_true", help="treat warnings as errors")
-    p.add_argument("--min-images", type=positive_int, default=1, metavar="N", help="fewest usable images (default 1)")
-    p.add_argument("--resolution", type=resolution, default=1024, metavar="N",
+    p.add_argument("--strict", action="store_true", default=None,
+                   help="any problem, warnings included, makes the dataset unusable (data.strict)")
+    p.add_argument("--min-images", type=positive_int, metavar="N",
+                   help="fewest usable images once files with errors are skipped (data.min_images, default 1)")
+    p.add_argument("--max-caption-tokens", type=positive_int, metavar="N",
+                   help="a longer caption is an error and its image is skipped (data.max_caption_tokens, default "
+                        "4096)")
+    p.add_argument("--resolution", type=resolution, metavar="N",
                    help="training resolution for bucket and cache-size statistics (default 1024)")
-    p.add_argument("--caption-ext", type=extensions, default=(".txt",), metavar="EXTS",
+    p.add_argument("--caption-ext", type=extensions, metavar="EXTS",
                    help="caption file extensions, comma-separated, first match wins (default txt)")
-    p.add_argument("--trigger-word", default="", help="prepended to every caption")
-    p.add_argument("--no-recursive", dest="recursive", action="store_false", help="do not scan sub-folders")
-    p.add_argument("--model-variant", default="flux2-klein-4b",
-                   choices=["flux2-dev", "flux2-klein-4b", "flux2-klein-9b"],
+    p.add_argument("--trigger-word", help="prepended to every caption")
+    p.add_argument("--no-recursive", dest="recursive", action="store_false", default=None,
+                   help="do not scan sub-folders")
+    p.add_argument("--model", metavar="PATH", help="the model (model.path) whose tokenizer counts caption tokens; "
+                                                   "without one they are estimated from the byte count")
+    p.add_argument("--text-conditioning", choices=["comfyui", "diffusers"],
+                   help="whose prompt encoding the long-caption warning describes (model.text_conditioning, "
+                        "default comfyui)")
+    p.add_argument("--model-variant", choices=["flux2-dev", "flux2-klein-4b", "flux2-klein-9b"],
                    help="model whose text-embedding size sizes the projected cache (default flux2-klein-4b)")
-    p.set_defaults(func=cmd_validate)
+    p.set_defaults(func=cmd_validate, parser=p)
 
     p = sub.add_parser("cache", help="encode every image and caption once into the on-disk latent cache",
                        description="Build or update the latent cache for a dataset and model: unchanged items are "
@@ -285,20 +343,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with key=value overrides allowed after options too (`resume RUN --steps 500 train.lr=5e-5`):
+    argparse alone takes positionals only before the first option once a subcommand has consumed them."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.parse_args(argv)   # says what it does not recognise, as argparse does, and exits 2
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
-        return args.func(args)
+        with StopOnSignal():  # SIGTERM too ends in a message, not a silent kill; train's own handler nests inside
+            return args.func(args)
     except Flux2LoraError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_UNUSABLE
     except OSError as exc:  # disk full, permission denied, ...: the user's environment, not a bug
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_UNUSABLE
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # a cache build has kept what it encoded (and said so) before this
+        return interrupted_exit(exc)
     except RuntimeError as exc:  # torch.OutOfMemoryError is one; anything else is a bug and keeps its traceback
         if "out of memory" not in str(exc).lower():
             raise

@@ -10,6 +10,7 @@ With unchanged settings the continuation is exact: the same losses and LoRA as a
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 from .checkpoints import checkpoint_step, newest_intact, read_checkpoint
@@ -26,17 +27,27 @@ def _flat(config) -> dict:
     return {f"{section}.{key}": value for section, values in config.to_dict().items() for key, value in values.items()}
 
 
-def resume_config(saved, step: int, *, steps: int | None, overrides=(), updates=None, output: str | None = None):
+def resume_config(saved, step: int, *, steps: int | None, overrides=(), updates=None, output: str | None = None,
+                  run_dir=None):
     """(config, changes): the saved config with the overrides (key=value texts) and `updates` ({key: value},
-    from a ComfyUI graph) applied; changes are (key, old, new)."""
+    from a ComfyUI graph) applied; changes are (key, old, new). Every path of the result is checked with the
+    overrides' problems, before anything loads: the folder written is `run_dir` (resuming in place) or, with
+    `output`, a new run folder there."""
     from .preflight import training_problems
 
-    config = load_config(None, overrides, base=saved, check=training_problems)
     updates = dict(updates or {})
     if steps:
         updates["train.steps"] = step + steps
     if output:
         updates["output.dir"] = str(output)
+
+    def problems(config) -> list:   # of the config as it will run: with the graph's and the flags' values
+        try:
+            return training_problems(config.replace(updates) if updates else config, run_dir=run_dir)
+        except ConfigError as exc:
+            return exc.problems
+
+    config = load_config(None, overrides, base=saved, check=problems)
     if updates:
         config = config.replace(updates)
     if step >= config.train.steps:
@@ -84,19 +95,31 @@ def resume(path, *, steps: int | None = None, output=None, overrides=(), updates
     except (KeyError, TypeError, ValueError, ConfigError) as exc:
         raise CheckpointError(f"{chosen}: its config or state cannot be read ({exc}): resume an earlier "
                               "checkpoint") from None
-    config, changes = resume_config(saved, step, steps=steps, overrides=overrides, updates=updates, output=output)
+    in_place = None if output else run_folder_of(chosen)
+    config, changes = resume_config(saved, step, steps=steps, overrides=overrides, updates=updates, output=output,
+                                    run_dir=in_place)
     for key, old, new in changes:
         log.warning("%s: %r in the checkpoint, %r now: the new value is used%s", key, old, new,
                     "" if _exact_despite(key, config) else " (the continuation is no longer exact)")
     if output:
         run_dir = new_run_dir(config)
     else:
-        run_dir = run_folder_of(chosen)
+        run_dir = in_place
         newest = newest_intact(run_dir)[0]
         if checkpoint_step(newest) > step:  # continuing in place would interleave two versions of the run
             raise CheckpointError(f"{newest.name} is newer than {Path(chosen).name}: resuming the older one in place "
                                   f"would mix two versions of {run_dir}; give --output DIR to continue it into a new "
                                   "run folder")
     log.info("resuming %s from step %d of %d (%s)", run_dir, step, config.train.steps, Path(chosen).name)
-    return train(config, callbacks, encoders=encoders, transformer=transformer,
-                 resume=(run_dir, tensors, documents))
+    result = train(config, callbacks, encoders=encoders, transformer=transformer,
+                   resume=(run_dir, tensors, documents))
+    result.samples = earlier_samples(run_dir, step, result.samples) + result.samples
+    return result
+
+
+def earlier_samples(run_dir: Path, step: int, new) -> list[Path]:
+    """The run's samples from before the checkpoint at `step`, so that a resumed run's summary counts the whole
+    run's samples, not only this call's. Later ones belong to steps that were redone (or left behind)."""
+    new = set(new)
+    found = ((p, re.fullmatch(r"step_(\d+)_\d+\.png", p.name)) for p in sorted(Path(run_dir, "samples").glob("*.png")))
+    return [p for p, match in found if match and int(match[1]) <= step and p not in new]

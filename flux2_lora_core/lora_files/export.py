@@ -218,7 +218,8 @@ def save_lora(path, state: dict[str, torch.Tensor], *, fmt: str = "comfyui", ran
     digest = hashlib.sha256(memoryview(data)[8 + int.from_bytes(data[:8], "little"):]).hexdigest()
     header.update({"modelspec.hash_sha256": f"0x{digest}", "sshs_model_hash": digest})
     write_atomically(path, save(tensors, metadata=header))
-    log.info("wrote %s LoRA (%d tensors, rank %d, alpha %g) to %s", fmt, len(tensors), rank, alpha, path)
+    # debug: the caller says it once (the trainer's log, `flux2-lora export`'s line), not this and then that
+    log.debug("wrote %s LoRA (%d tensors, rank %d, alpha %g) to %s", fmt, len(tensors), rank, alpha, path)
     return path
 
 
@@ -335,7 +336,14 @@ def export_lora(source, *, fmt: str = "comfyui", out=None) -> Path:
     name = next((stem[: -len(f".{f}")] for f in FORMATS if stem.endswith(f".{f}")), stem) + f".{fmt}.safetensors"
     out = source.with_name(name) if out is None else Path(out) / name if Path(out).is_dir() else Path(out)
     if out.exists() or os.path.abspath(out) == os.path.abspath(source):
-        raise ExportError(f"{out}: already exists; delete it or choose another output path (out=)")
+        raise ExportError(f"{out}: already exists (an export never overwrites a file): delete it, or write "
+                          "elsewhere with --out FILE (out= in Python)")
     state, rank, alpha, metadata = read_lora(source)
-    return save_lora(out, state, fmt=fmt, rank=rank, alpha=alpha,
-                     metadata={**metadata, "flux2_lora.exported_from": source.name})
+    try:
+        return save_lora(out, state, fmt=fmt, rank=rank, alpha=alpha,
+                         metadata={**metadata, "flux2_lora.exported_from": source.name})
+    except OSError as exc:  # a file in the way of its folder, no permission, a full disk: say which path and flag
+        blocker = next((p for p in out.parents if os.path.exists(p)), None)
+        why = f"{blocker} is a file, not a folder" if blocker and not blocker.is_dir() else exc.strerror or exc
+        raise ExportError(f"{out}: cannot be written ({why}): write elsewhere with --out FILE "
+                          "(out= in Python)") from None

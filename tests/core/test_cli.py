@@ -73,20 +73,21 @@ def test_validate_json_is_machine_readable(tmp_path):
     assert {"usable", "root", "summary", "stats", "problems"} <= report.keys()
 
 
-def test_validate_unusable_dataset_exits_1_naming_every_bad_file(tmp_path):
+def test_validate_names_every_bad_file_skipping_them_or_exiting_1_when_strict(tmp_path):
     data = make_dataset(tmp_path / "data")
     (data / "broken.png").write_bytes(b"this is not a png")
     (data / "empty.jpg").write_bytes(b"")
     result = flux2_lora("validate", str(data), "--json")
-    assert result.returncode == 1
+    assert result.returncode == 0  # 3 good images: the 2 bad files are skipped, as cache and train skip them
     assert_no_traceback(result)
     report = json.loads(result.stdout)
-    assert report["usable"] is False
+    assert report["usable"] is True and report["summary"]["skipped_images"] == ["empty.jpg", "broken.png"]
     named = {p["path"] for p in report["problems"] if p["severity"] == "error"}
     assert {"broken.png", "empty.jpg"} <= named
-    human = flux2_lora("validate", str(data))
+    human = flux2_lora("validate", str(data), "--strict")
     assert human.returncode == 1
-    assert "broken.png" in human.stdout and "empty.jpg" in human.stdout
+    assert_no_traceback(human)
+    assert "broken.png" in human.stdout and "empty.jpg" in human.stdout and "NOT USABLE" in human.stdout
 
 
 def test_validate_strict_turns_warnings_into_failure(tmp_path):
@@ -154,7 +155,7 @@ def test_tiny_model_writes_a_model(tmp_path, fmt, expected):
 
 def test_cache_encodes_once_then_reuses_and_reports_bad_settings(tmp_path):
     assert flux2_lora("tiny-model", str(tmp_path / "tiny"), "--variant", "dev").returncode == 0
-    data = make_dataset(tmp_path / "data", size=192)
+    data = make_dataset(tmp_path / "data", size=384)  # every short side >= 256 px: none is skipped as too small
     (tmp_path / "cache.yaml").write_text(f"model:\n  path: {tmp_path / 'tiny'}\ndata:\n  path: {data}\n"
                                          f"  resolution: 64\ncache:\n  dir: {tmp_path / 'cache'}\n")
     first = flux2_lora("cache", "--config", str(tmp_path / "cache.yaml"))
@@ -171,3 +172,22 @@ def test_cache_encodes_once_then_reuses_and_reports_bad_settings(tmp_path):
         assert key in bad.stderr
     missing = flux2_lora("cache", f"data.path={data}", f"model.path={tmp_path / 'nowhere'}")
     assert missing.returncode == 1 and "model.path" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_overrides_may_follow_the_options():
+    from flux2_lora_core.cli import parse_args
+
+    args = parse_args(["resume", "runs/x", "train.seed=3", "--steps", "500", "train.lr=5e-5"])
+    assert (args.path, args.steps, args.overrides) == ("runs/x", 500, ["train.seed=3", "train.lr=5e-5"])
+    args = parse_args(["train", "--preset", "character", "model.path=m", "data.path=d"])
+    assert args.overrides == ["model.path=m", "data.path=d"]
+
+
+def test_unknown_options_still_stop_with_usage(capsys):
+    from flux2_lora_core.cli import parse_args
+
+    for argv in (["resume", "runs/x", "--steps", "5", "--bogus"], ["export", "lora.safetensors", "extra=1"]):
+        with pytest.raises(SystemExit) as exc:
+            parse_args(argv)
+        assert exc.value.code == 2
+        assert "unrecognized arguments" in capsys.readouterr().err

@@ -19,7 +19,7 @@ from flux2_lora_core.checkpoints.checkpoint import checkpoint_step, find_checkpo
 from flux2_lora_core.config import load_config
 from flux2_lora_core.errors import CheckpointError, ConfigError
 from flux2_lora_core.resume import resume
-from flux2_lora_core.training import Callbacks, trainer
+from flux2_lora_core.training import trainer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,11 +39,11 @@ def settings(root, out, *overrides):
             "sample.guidance=1.0", *overrides]
 
 
-def test_k_steps_then_resume_k_steps_equals_2k_steps(workspace, tmp_path):
+def test_k_steps_then_resume_k_steps_equals_2k_steps(workspace, tmp_path, stop_after):
     straight = trainer.train(load_config(None, settings(workspace, tmp_path / "a", "train.steps=8")))
 
     first = trainer.train(load_config(None, settings(workspace, tmp_path / "b", "train.steps=8")),
-                          StopAfter(4))
+                          stop_after(4))
     assert first.stopped_early and first.steps == 4
     assert [p.name for p in find_checkpoints(first.run_dir)] == ["step_000004"]
     second = resume(first.run_dir)
@@ -54,17 +54,6 @@ def test_k_steps_then_resume_k_steps_equals_2k_steps(workspace, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     logged = [json.loads(line)["step"] for line in (first.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert logged == list(range(1, 9))                              # each step once, in order
-
-
-class StopAfter(Callbacks):
-    def __init__(self, steps):
-        self.steps, self.seen = steps, 0
-
-    def on_step(self, report):
-        self.seen = report.step
-
-    def should_stop(self):
-        return self.seen >= self.steps
 
 
 def test_resume_reports_changes_refuses_fixed_ones_and_checks_the_data(workspace, tmp_path, caplog):
@@ -111,7 +100,7 @@ def test_a_signal_finishes_the_step_checkpoints_and_resumes(workspace, tmp_path,
     process.send_signal(sent)
     out, err = process.communicate(timeout=120)
     assert process.returncode == code, err
-    assert "Traceback" not in err and f"flux2-lora resume {tmp_path / 'run'}" in out
+    assert "Traceback" not in err and f"{sys.executable} -m flux2_lora_core resume {tmp_path / 'run'}" in out
     (checkpoint,) = find_checkpoints(tmp_path / "run")
     stopped_at = checkpoint_step(checkpoint)
 
