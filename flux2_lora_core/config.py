@@ -101,6 +101,8 @@ class ModelConfig(_Section):
     tokenizer: str = option("", "tokenizer folder; empty: model.path's", path=True)
     dtype: str = option("auto", "auto | bf16 | fp16 | fp32", choices=("auto", "bf16", "fp16", "fp32"),
                         aliases=DTYPE_ALIASES)
+    quantization: str = option("none", "none | fp8 | nf4 | int8: store the frozen transformer blocks quantized "
+                               "(an fp8 file stays fp8 under none)", choices=("none", "fp8", "nf4", "int8"))
     device: str = option("auto", "auto | cpu | cuda | cuda:N | mps", check=_device)
     text_conditioning: str = option("comfyui", "comfyui | diffusers: whose prompt encoding the LoRA is trained on",
                                     choices=("comfyui", "diffusers"))

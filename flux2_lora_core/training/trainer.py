@@ -120,7 +120,7 @@ def setup(config: Config, callbacks: Callbacks, encoders=None, transformer=None,
     callbacks.on_phase("loading")
     if transformer is None:
         transformer, variant = load_transformer(config.model.path, variant=config.model.variant, dtype=dtype,
-                                                device=device)
+                                                device=device, quantization=config.model.quantization)
         m = config.model
         sources = resolve_sources(m.path, vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer)
         base_fingerprint = source_fingerprint(sources.transformer)

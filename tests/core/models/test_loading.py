@@ -40,6 +40,7 @@ from flux2_lora_core.models import (
     weights_fingerprint,
 )
 from flux2_lora_core.models.devices import with_oom_retry
+from flux2_lora_core.models.quantized_linear import QuantizedLinear
 from flux2_lora_core.models.single_file import transformer_to_bfl
 from flux2_lora_core.models.tiny_models import (
     COMFYUI_FILES,
@@ -232,10 +233,10 @@ def test_quantized_files_stay_quantized_and_compute_with_the_dequantized_weights
     save_file(expected, tmp_path / "dequantized.safetensors")
     model, variant = load_transformer(tmp_path / "q.safetensors", **LOAD)
     reference, _ = load_transformer(tmp_path / "dequantized.safetensors", **LOAD)
-    linear = BFLNVFP4Linear if layout == "bfl_nvfp4" else BFLFP8RLinear
+    linear = BFLNVFP4Linear if layout == "bfl_nvfp4" else QuantizedLinear  # fp8: the engine's trainable linear
     quantized = [m for m in model.modules() if isinstance(m, linear)]
-    assert quantized and variant.family == "dev"
-    if linear is BFLFP8RLinear:
+    assert quantized and variant.family == "dev" and not any(isinstance(m, BFLFP8RLinear) for m in model.modules())
+    if linear is QuantizedLinear:
         assert all(m.weight.dtype == torch.float8_e4m3fn and m.weight_scale.shape == (m.out_features,)
                    for m in quantized)
     assert_frozen(model)
