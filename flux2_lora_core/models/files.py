@@ -10,8 +10,9 @@ Nothing is ever unpickled: .ckpt/.pt/.bin files can run code when loaded, so the
 from __future__ import annotations
 
 import json
+import mmap
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ModelError
@@ -30,6 +31,7 @@ class TensorFile:
     shapes: dict[str, tuple[int, ...]]
     dtypes: dict[str, str]  # safetensors names: "BF16", "F8_E4M3", "U8", ...
     metadata: dict[str, str]
+    offsets: dict[str, tuple[int, int]] = field(default_factory=dict)  # absolute (start, end) byte positions
 
     def select(self, prefixes: tuple[str, ...]) -> tuple[str, dict[str, tuple[int, ...]]]:
         """(prefix, shapes without it) for the first prefix that any key carries, else ("", all shapes)."""
@@ -73,13 +75,15 @@ def read_header(path: str | Path, *, key: str) -> TensorFile:
     try:
         shapes = {name: tuple(int(n) for n in t["shape"]) for name, t in header.items()}
         dtypes = {name: str(t["dtype"]) for name, t in header.items()}
-        data_end = max((int(t["data_offsets"][1]) for t in header.values()), default=0)
+        offsets = {name: (8 + length + int(t["data_offsets"][0]), 8 + length + int(t["data_offsets"][1]))
+                   for name, t in header.items()}
+        data_end = max((end - 8 - length for _, end in offsets.values()), default=0)
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise ModelError(f"{path}: damaged safetensors header ({exc!r}); download or copy the file again") from None
     if 8 + length + data_end > size:
         raise ModelError(f"{path}: truncated: its header describes {8 + length + data_end:,} bytes but the file has "
                          f"{size:,}; the download or copy was cut short, fetch the file again")
-    return TensorFile(path, shapes, dtypes, {str(k): str(v) for k, v in metadata.items()})
+    return TensorFile(path, shapes, dtypes, {str(k): str(v) for k, v in metadata.items()}, offsets)
 
 
 def is_pipeline(folder: Path) -> bool:
@@ -108,11 +112,53 @@ def component_folder(path: Path, component: str, key: str) -> tuple[Path, dict]:
 
 
 def load_tensors(file: TensorFile, prefix: str = "") -> dict:
-    """The tensors under `prefix` (stripped), on the CPU."""
+    """The tensors under `prefix` (stripped), all at once, as views of safetensors' memory map of the file.
+
+    The loaders stream single files instead (streaming.py); this is for small files and for comparing
+    against the whole-file path."""
     from safetensors import safe_open
 
     with safe_open(str(file.path), framework="pt", device="cpu") as f:
         return {key[len(prefix):]: f.get_tensor(key) for key in f.keys() if key.startswith(prefix)}
+
+
+# safetensors dtype names -> torch dtypes (the names the format defines that torch can hold).
+_OWN_MAPPING = 1 << 20  # tensors from 1 MiB get their own anonymous mapping (few: one per weight matrix)
+_DTYPES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16", "I32": "int32",
+           "U32": "uint32", "I64": "int64", "U64": "uint64", "F16": "float16", "BF16": "bfloat16", "F32": "float32",
+           "F64": "float64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu"}
+
+
+def read_tensor(handle, file: TensorFile, key: str):
+    """One tensor of `file`, read from the open binary `handle` into fresh CPU memory (bit for bit).
+
+    A plain read rather than safetensors' memory map of the whole file: pages of a mapped file count in
+    the process's resident set until the mapping goes, so touching all of a 64 GB file costs as much RSS
+    as reading it whole. Read this way, only the tensor's own copy stays (the page cache is the kernel's
+    to drop), and it is freed as soon as the model holds its converted copy.
+    """
+    import torch
+
+    name = _DTYPES.get(file.dtypes[key])
+    dtype = getattr(torch, name, None) if name else None
+    if dtype is None:
+        raise ModelError(f"{file.path}: {key!r} has dtype {file.dtypes[key]}, which this PyTorch cannot hold; "
+                         f"use a file in bf16/fp16/fp32 or fp8 e4m3fn")
+    start, end = file.offsets[key]
+    size = end - start
+    if size >= _OWN_MAPPING:  # an anonymous mapping of its own: freed, it goes back to the system at once,
+        buffer = mmap.mmap(-1, size)  # where the heap keeps the holes a stream of read-then-cast buffers leaves
+        raw = torch.frombuffer(buffer, dtype=torch.uint8, count=size)
+    else:
+        raw = torch.empty(size, dtype=torch.uint8)
+    handle.seek(start)
+    if size and handle.readinto(memoryview(raw.numpy())) != size:
+        raise ModelError(f"{file.path}: {key!r} could not be read in full; the file is truncated, fetch it again")
+    try:
+        return raw.view(dtype).reshape(file.shapes[key])
+    except RuntimeError:
+        raise ModelError(f"{file.path}: {key!r} holds {end - start} bytes, which do not make a {file.dtypes[key]} "
+                         f"tensor of shape {file.shapes[key]}; the file is damaged, fetch it again") from None
 
 
 # ---------------------------------------------------------------------------------------------- what a file is

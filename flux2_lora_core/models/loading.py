@@ -13,9 +13,7 @@ hidden states only, and the [dev] LM head alone would cost 1.3 GB.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import tempfile
 from pathlib import Path
 
 import torch
@@ -26,13 +24,14 @@ from .files import (
     TRANSFORMER_PREFIXES,
     VAE_PREFIXES,
     component_folder,
+    count_blocks,
     identify,
     is_pipeline,
-    load_tensors,
     read_header,
 )
 from .quantization import dequantize, logical_shapes, to_fp8r
 from .single_file import text_encoder_to_comfyui, vae_to_diffusers
+from .streaming import fill, fill_transformer, read_groups
 from .sources import locate_tokenizer, missing_tokenizer_hint
 from .variants import (
     FAMILIES,
@@ -50,6 +49,8 @@ log = logging.getLogger(__name__)
 _TEXT_FAMILY = {"qwen3": "klein", "mistral3": "dev", "mistral": "dev"}  # transformers model_type -> family
 _MISTRAL_HF_PREFIXES = ("model.language_model.", "language_model.model.")
 _NOT_WEIGHTS = ("tekken_model", "tokenizer_json", "spiece_model", "lm_head.weight", "model.lm_head.weight")
+# Quantization companions of a weight (markers and scales): not weights of their own, so not in config shapes.
+_QUANT_PARTS = (".comfy_quant", ".weight_scale", ".weight_scale_2", ".scale_weight", ".scale_input", ".input_scale")
 _FINGERPRINT_SAMPLES = 256
 
 
@@ -60,22 +61,14 @@ def _frozen(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _cast(state: dict, dtype: torch.dtype, device: torch.device) -> dict:
-    return {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
-
-
-def _build(factory, state: dict, *, dtype, device, where: str) -> torch.nn.Module:
-    """Instantiate without allocating weights, then adopt `state`'s tensors (cast) as the parameters."""
+def _build(factory, states, *, dtype, device, where: str) -> torch.nn.Module:
+    """Instantiate without allocating weights, then adopt the tensors of each state dict in `states` (cast)
+    as the parameters: one group at a time, so a single file is never held whole (see streaming.py)."""
     from accelerate import init_empty_weights
 
     with init_empty_weights(include_buffers=False):  # buffers (RoPE frequencies, ...) are computed, keep them
         model = factory()
-    missing, unexpected = model.load_state_dict(_cast(state, dtype, device), strict=False, assign=True)
-    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
-    if missing or unexpected:
-        raise ModelError(f"{where}: weights do not fit the model built from their shapes (missing "
-                         f"{missing[:3]}, unexpected {unexpected[:3]}); the file is damaged or not a FLUX.2 part")
-    return model.to(device)
+    return fill(model, states, dtype=dtype, device=device, where=where)
 
 
 # ---------------------------------------------------------------------------------------------- transformer
@@ -94,7 +87,11 @@ def _check_requested(requested: str, detected: Variant) -> None:
 
 
 def _transformer_from_file(path: Path, requested: str, dtype, device):
-    from diffusers import BFLQuantizationConfig, Flux2Transformer2DModel
+    """Built on the meta device and filled layer by layer from the file (streaming.py), exactly as
+    `Flux2Transformer2DModel.from_single_file` would from the whole file, fp8 layers kept in fp8."""
+    from accelerate import init_empty_weights
+    from diffusers import Flux2Transformer2DModel
+    from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
 
     file = read_header(path, key="model.path")
     prefix, shapes = file.select(TRANSFORMER_PREFIXES)
@@ -105,20 +102,19 @@ def _transformer_from_file(path: Path, requested: str, dtype, device):
     dtypes = {k[len(prefix):]: v for k, v in file.dtypes.items() if k.startswith(prefix)}
     variant = detect_variant(logical_shapes(shapes, dtypes), source=str(path))
     _check_requested(requested, variant)
-    state, scheme = to_fp8r(load_tensors(file, prefix), file.metadata, path=path, prefix=prefix)
-    quantization = BFLQuantizationConfig(compute_dtype=dtype) if scheme else None
-    with tempfile.TemporaryDirectory() as config_dir:  # from_single_file reads configs from folders only
-        config = {"_class_name": "Flux2Transformer2DModel", **variant.transformer_config}
-        Path(config_dir, "config.json").write_text(json.dumps(config), encoding="utf-8")
-        model = Flux2Transformer2DModel.from_single_file(state, config=config_dir, local_files_only=True,
-                                                         torch_dtype=dtype, device=device,
-                                                         quantization_config=quantization)
+    with init_empty_weights():
+        model = Flux2Transformer2DModel.from_config(variant.transformer_config)
+    states = (to_fp8r(tensors, metadata, path=path, prefix=prefix) for tensors, metadata in read_groups(file, prefix))
+    convert = convert_flux2_transformer_checkpoint_to_diffusers if kind == "flux2_transformer" else None
+    model = fill_transformer(model, states, dtype=dtype, device=device, where=str(path), convert=convert)
     return model, variant
 
 
-def load_transformer(path, *, variant: str = "auto", dtype: torch.dtype, device: torch.device):
+def load_transformer(path, *, variant: str = "auto", dtype: torch.dtype, device: torch.device,
+                     quantization: str = "none"):
     """(Flux2Transformer2DModel, Variant) from a diffusers folder or a BFL/ComfyUI single file (bf16, BFL
-    fp8r/nvfp4, ComfyUI scaled or mixed fp8), frozen, in eval mode."""
+    fp8r/nvfp4, ComfyUI scaled or mixed fp8), frozen, in eval mode. `quantization` (none | fp8 | nf4 | int8)
+    stores the blocks' linears quantized; fp8 files always compute through QuantizedLinear (see there)."""
     from diffusers import Flux2Transformer2DModel
 
     path = Path(path)
@@ -139,7 +135,9 @@ def load_transformer(path, *, variant: str = "auto", dtype: torch.dtype, device:
 
     model, detected = with_oom_retry(load, what="the transformer", path=path)
     log.info("loaded transformer %s (%s) from %s", detected.name, dtype, path)
-    return _frozen(model), detected
+    from .quantized_linear import quantize_transformer
+
+    return _frozen(quantize_transformer(model, quantization, dtype=dtype)), detected
 
 
 def probe_variant(path, variant: str = "auto") -> Variant:
@@ -174,9 +172,10 @@ def load_vae(path, *, dtype: torch.dtype, device: torch.device):
                 raise ModelError(f"{path}: this is {description}, not a FLUX.2 VAE; set model.vae to "
                                  f"flux2-vae.safetensors (ComfyUI models/vae) or a FLUX.2 vae/ folder")
             config = vae_config_from_shapes(shapes)
-            state = dequantize(load_tensors(file, prefix), file.metadata, dtype=dtype, path=path, prefix=prefix)
-            state = vae_to_diffusers(state)
-            return _build(lambda: AutoencoderKLFlux2.from_config(config), state, dtype=dtype, device=device,
+            n_up = count_blocks(shapes, "decoder.up.")  # file-wide: each streamed group needs it
+            states = (vae_to_diffusers(dequantize(tensors, metadata, dtype=dtype, path=path, prefix=prefix), n_up)
+                      for tensors, metadata in read_groups(file, prefix))
+            return _build(lambda: AutoencoderKLFlux2.from_config(config), states, dtype=dtype, device=device,
                           where=str(path))
         folder, config = component_folder(path, "vae", "model.vae")
         if config.get("_class_name") != "AutoencoderKLFlux2":
@@ -190,10 +189,14 @@ def load_vae(path, *, dtype: torch.dtype, device: torch.device):
 
 
 # ---------------------------------------------------------------------------------------------- text encoder
-def _language_model_state(state: dict, family: str, where) -> dict:
-    """HF (Qwen3ForCausalLM / Mistral3ForConditionalGeneration) or ComfyUI weights -> bare language model."""
+def _language_model_state(state: dict, family: str, where, hf: bool | None = None) -> dict:
+    """HF (Qwen3ForCausalLM / Mistral3ForConditionalGeneration) or ComfyUI weights -> bare language model.
+
+    `hf` says whether the whole file uses the HF Mistral3 layout; a streamed part (say the vision tower
+    alone) cannot tell, so the caller decides it from all the keys."""
     state = {k: v for k, v in state.items() if k not in _NOT_WEIGHTS}
-    if any(k.startswith(_MISTRAL_HF_PREFIXES) for k in state) or family == "klein":
+    hf = any(k.startswith(_MISTRAL_HF_PREFIXES) for k in state) if hf is None else hf
+    if hf or family == "klein":
         state = text_encoder_to_comfyui(state, family)  # drops the LM head and the vision tower
     foreign = [k for k in state if not k.startswith("model.")]
     if foreign:
@@ -209,8 +212,20 @@ def _text_family(model_type: str, family: str, where) -> None:
                          f"model.text_encoder to the [{family}] text encoder")
 
 
+def _config_shapes(file, family: str, path: Path) -> dict[str, tuple[int, ...]]:
+    """The language model's `model.*` shapes from the header alone, through the same renaming as the weights."""
+    meta = {k: torch.empty(s, device="meta") for k, s in file.shapes.items()
+            if k not in _NOT_WEIGHTS and k != "scaled_fp8" and not k.endswith(_QUANT_PARTS)}
+    return {f"model.{k}": tuple(v.shape) for k, v in _language_model_state(meta, family, path).items()}
+
+
+def _hf_layout(files) -> bool:
+    return any(k.startswith(_MISTRAL_HF_PREFIXES) for file in files for k in file.shapes)
+
+
 def _text_encoder_weights(path: Path, family: str, dtype: torch.dtype):
-    """(config, language-model state) from a single file or a transformers folder."""
+    """(config, language-model states) from a single file or a transformers folder; the states come one
+    layer at a time, read as they are consumed (see streaming.py)."""
     from transformers import AutoConfig
 
     if not path.is_dir():
@@ -220,23 +235,24 @@ def _text_encoder_weights(path: Path, family: str, dtype: torch.dtype):
             raise ModelError(f"{path}: this is {description}, not a FLUX.2 text encoder; set model.text_encoder to "
                              f"the {TEXT_ENCODERS[family]} file (ComfyUI models/text_encoders) or folder")
         _text_family(kind, family, path)
-        state = {k: v for k, v in load_tensors(file).items() if k not in _NOT_WEIGHTS}
-        state = _language_model_state(dequantize(state, file.metadata, dtype=dtype, path=path), family, path)
-        return text_encoder_config_from_shapes({f"model.{k}": tuple(v.shape) for k, v in state.items()}, family), state
+        config = text_encoder_config_from_shapes(_config_shapes(file, family, path), family)
+        hf = _hf_layout([file])
+        states = (_language_model_state(dequantize(tensors, metadata, dtype=dtype, path=path), family, path, hf)
+                  for tensors, metadata in read_groups(file, skip=_NOT_WEIGHTS))
+        return config, states
     folder = path / "text_encoder" if is_pipeline(path) else path
     if not (folder / "config.json").is_file():
         raise ModelError(f"{folder}: not a text encoder folder (no config.json); set model.text_encoder to the "
                          f"{TEXT_ENCODERS[family]} file or folder")
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
     _text_family(config.model_type, family, folder)
-    state = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        header = read_header(file, key="model.text_encoder")
-        tensors = {k: v for k, v in load_tensors(header).items() if k not in _NOT_WEIGHTS}
-        state.update(dequantize(tensors, header.metadata, dtype=dtype, path=file))
-    if not state:
+    files = [read_header(file, key="model.text_encoder") for file in sorted(folder.glob("*.safetensors"))]
+    if not any(file.shapes.keys() - set(_NOT_WEIGHTS) for file in files):
         raise ModelError(f"{folder}: no .safetensors weights (pickled .bin files are never loaded)")
-    return config.get_text_config(), _language_model_state(state, family, folder)
+    hf = _hf_layout(files)
+    states = (_language_model_state(dequantize(tensors, metadata, dtype=dtype, path=file.path), family, folder, hf)
+              for file in files for tensors, metadata in read_groups(file, skip=_NOT_WEIGHTS))
+    return config.get_text_config(), states
 
 
 def load_tokenizer(tokenizer, path):
@@ -293,9 +309,9 @@ def load_text_encoder(path, *, family: str, tokenizer=None, dtype: torch.dtype, 
         raise ModelError(f"model.text_encoder: {str(path)!r} does not exist")
 
     def load():
-        config, state = _text_encoder_weights(path, family, dtype)
+        config, states = _text_encoder_weights(path, family, dtype)
         cls = Qwen3Model if family == "klein" else MistralModel
-        model = _build(lambda: cls(config), state, dtype=dtype, device=device, where=str(path))
+        model = _build(lambda: cls(config), states, dtype=dtype, device=device, where=str(path))
         model.config._name_or_path = str(path)  # named in check_compatible's messages
         return model
 

@@ -110,7 +110,7 @@ def to_fp8r(sd: dict, metadata: dict[str, str], *, path, prefix: str = "") -> tu
     if not scales:
         return sd, None
     scheme = "nvfp4" if any(k.endswith(".weight_scale_2") for k in sd) else "fp8r"
-    log.info("%s: %d quantized layers (%s)", path, len(scales), scheme)
+    log.debug("%s: %d quantized layers (%s)", path, len(scales), scheme)  # per streamed layer: debug
     return sd, scheme
 
 

@@ -179,11 +179,13 @@ def vae_to_bfl(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def vae_to_diffusers(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+def vae_to_diffusers(state_dict: dict[str, Tensor], n_up: int | None = None) -> dict[str, Tensor]:
     """A BFL/ComfyUI FLUX.2 VAE file -> `AutoencoderKLFlux2` weights, the latent BatchNorm included.
 
     Accepts plain LDM names, the same under a `vae.` / `first_stage_model.` prefix, and the
-    `encoder.quant_conv` / `decoder.post_quant_conv` spellings that ComfyUI also accepts.
+    `encoder.quant_conv` / `decoder.post_quant_conv` spellings that ComfyUI also accepts. `n_up`, the
+    decoder's up-block count, is counted from the keys unless given: a part of a file (one block at a
+    time, as the loader streams it) cannot tell it.
     """
     for prefix in _VAE_PREFIXES:
         if state_dict and all(k.startswith(prefix) for k in state_dict):
@@ -191,7 +193,7 @@ def vae_to_diffusers(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     aliases = {"encoder.quant_conv.": "quant_conv.", "decoder.post_quant_conv.": "post_quant_conv."}
     state_dict = {next((new + k[len(old):] for old, new in aliases.items() if k.startswith(old)), k): v
                   for k, v in state_dict.items()}
-    n_up = count_blocks(state_dict, "decoder.up.")
+    n_up = count_blocks(state_dict, "decoder.up.") if n_up is None else n_up
     out = _rename(state_dict, [(ldm, diffusers) for diffusers, ldm in _VAE_RENAMES], "LDM/BFL FLUX.2 VAE", n_up)
     for key, tensor in out.items():
         if ".mid_block.attentions.0." in key and key.endswith(".weight") and tensor.ndim == 4:
