@@ -220,6 +220,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .training import SPEED_ORDER, format_plan, plan_for_variant
+
+    name = args.variant if args.variant.startswith("flux2-") else f"flux2-{args.variant}"
+    plan = plan_for_variant(name, args.resolution, batch_size=args.batch_size, rank=args.rank, vram_gib=args.vram,
+                            optimizer=args.optimizer,
+                            quantizations=(args.quantization,) if args.quantization else SPEED_ORDER)
+    print(format_plan(plan))
+    return EXIT_OK if args.vram is None or plan.best else EXIT_UNUSABLE
+
+
 def _config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="a YAML config file")
     p.add_argument("--preset", choices=["character", "style", "concept"],
@@ -331,6 +342,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=positive_int, default=None, metavar="N", help="training steps (default 600)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="change any demo setting")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("plan", help="predict a training step's peak GPU memory per setting, and the fastest that fits",
+                       description="Predict the peak memory of a training step from the model's config, for each "
+                                   "base quantization (none/fp8/int8/nf4) with gradient checkpointing off and on, "
+                                   "and name the fastest setting that fits --vram. The model was fitted to peaks "
+                                   "measured on an H200 (bf16 base); quantized rows are not measured yet. Exit 1 "
+                                   "when nothing fits.")
+    p.add_argument("--variant", required=True, metavar="MODEL",
+                   choices=["dev", "klein-4b", "klein-9b", "flux2-dev", "flux2-klein-4b", "flux2-klein-9b"],
+                   help="dev, klein-4b or klein-9b")
+    p.add_argument("--resolution", type=resolution, default=1024, metavar="N", help="image side in pixels (1024)")
+    p.add_argument("--vram", type=positive_float, metavar="GIB", help="the GPU's memory, e.g. 24")
+    p.add_argument("--quantization", choices=["none", "fp8", "int8", "nf4"], help="only this base quantization")
+    p.add_argument("--batch-size", type=positive_int, default=1, metavar="N", help="train.batch_size (1)")
+    p.add_argument("--rank", type=positive_int, default=16, metavar="N", help="lora.rank (16)")
+    p.add_argument("--optimizer", choices=["adamw", "adamw8bit", "sgd"], default="adamw", help="train.optimizer")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("tiny-model", help="write a tiny random-weight FLUX.2 model for tests and demos",
                        description="Build a seeded, randomly initialised, tiny FLUX.2 model offline and write it.")

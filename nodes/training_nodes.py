@@ -50,6 +50,7 @@ class LoadTrainingModel(io.ComfyNode):
                 io.Combo.Input("dtype", options=["auto", "bf16", "fp16", "fp32"], default="auto", tooltip="Weight precision while training; auto: bf16 on a GPU that supports it, else fp32."),
                 io.Combo.Input("text_conditioning", options=["comfyui", "diffusers"], default="comfyui", tooltip="Whose prompt encoding the LoRA is trained on; comfyui for LoRAs used in ComfyUI."),
                 io.String.Input("tokenizer", default="", optional=True, advanced=True, tooltip="Usually empty: [klein] uses ComfyUI's own qwen25_tokenizer, [dev] the one inside its text-encoder file, a diffusers folder its own. Only for models that need another: a tokenizer folder in models/text_encoders or models/ (e.g. 'tokenizer' for models/tokenizer)."),
+                io.Combo.Input("quantization", options=["none", "fp8", "nf4", "int8"], default="none", optional=True, tooltip="Store the frozen transformer blocks quantized while training, to fit big models: fp8 halves bf16's memory, int8 too (closer to bf16), nf4 quarters it (least exact). The LoRA still loads into the full-precision model. An fp8 file stays fp8 under none."),
             ],
             outputs=[Model.Output(display_name="model")],
         )
@@ -60,11 +61,13 @@ class LoadTrainingModel(io.ComfyNode):
         return refuse_at_queue(cls, paths=[(partial(model_path, "tokenizer"), tokenizer)])
 
     @classmethod
-    def execute(cls, path, vae, text_encoder, variant, dtype, text_conditioning, tokenizer="") -> io.NodeOutput:
+    def execute(cls, path, vae, text_encoder, variant, dtype, text_conditioning, tokenizer="",
+                quantization="none") -> io.NodeOutput:
         files = dict(path=path, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
         return io.NodeOutput(ModelConfig(**{key: model_path(key, "" if text == FROM_DIFFUSERS else text)
                                             for key, text in files.items()},
-                                         variant=variant, dtype=dtype, text_conditioning=text_conditioning))
+                                         variant=variant, dtype=dtype, text_conditioning=text_conditioning,
+                                         quantization=quantization))
 
 
 class CacheLatents(io.ComfyNode):
@@ -128,7 +131,12 @@ class ConfigureLora(io.ComfyNode):
         defaults = {i.id: i.default for i in cls.define_schema().inputs}
         sections = lora_settings.sections(widgets, defaults)
         config_from_dict(sections)  # every bad value reported now, by its key (the widget's name)
-        return io.NodeOutput(sections)
+        from ..flux2_lora_core.training import settings_summary
+
+        train = sections["train"]
+        return io.NodeOutput(sections, ui=ui.PreviewText(settings_summary(
+            rank=sections["lora"]["rank"], batch_size=train["batch_size"], optimizer=train["optimizer"],
+            checkpointing=train["gradient_checkpointing"])))
 
 
 class Train(io.ComfyNode):

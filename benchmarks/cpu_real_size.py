@@ -1,0 +1,66 @@
+"""A real-size FLUX.2 training step on the CPU: nothing in the engine may work only at tiny size.
+
+FLUX.2 [klein] 4B is built from the shipped config with random weights (meta-device init, no download) and
+trained through the engine's own micro-step and optimizer step (as benchmarks/gpu_speed.py does on a GPU),
+with gradient checkpointing, in fp32: these CPUs have no bf16 matrix units, so bf16 here would only be slower.
+Prints each step's seconds and loss, and the process's peak RSS.
+
+    python benchmarks/cpu_real_size.py                         # klein 4B, 128 px, 1 warm-up + 2 timed steps
+    python benchmarks/cpu_real_size.py --resolution 256 --steps 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gpu_speed import MODELS, build_transformer, engine_session  # noqa: E402
+
+from flux2_lora_core.models import detect_variant, shipped_config  # noqa: E402
+from flux2_lora_core.training import trainer  # noqa: E402
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # Linux reports KiB
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--variant", choices=list(MODELS), default="klein-4b")
+    parser.add_argument("--resolution", type=int, default=128)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
+    args = parser.parse_args()
+
+    started = time.perf_counter()
+    config = shipped_config(MODELS[args.variant], "transformer")
+    transformer = build_transformer(config, torch.device("cpu"), torch.float32)
+    print(f"{args.variant}: {sum(p.numel() for p in transformer.parameters()) / 1e9:.2f}B parameters in fp32, built in "
+          f"{time.perf_counter() - started:.0f} s; peak RSS {peak_rss_gib():.1f} GiB", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        s = engine_session(transformer, detect_variant(dict(transformer.config)), args.resolution, 1, args.rank,
+                           args.checkpointing, False, Path(tmp))
+        for step in range(args.warmup + args.steps):
+            start = time.perf_counter()
+            loss = trainer.micro_step(s, [0], args.resolution, 1.0)
+            trainer.optimizer_step(s, want_norm=False)
+            kind = "warm-up" if step < args.warmup else "timed"
+            print(f"step {step + 1} ({kind}): {time.perf_counter() - start:.1f} s, loss {loss.item():.4f}, "
+                  f"peak RSS {peak_rss_gib():.1f} GiB", flush=True)
+    print(f"{args.variant}, {args.resolution} px, rank {args.rank}, checkpointing {args.checkpointing}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}: peak RSS {peak_rss_gib():.1f} GiB")
+
+
+if __name__ == "__main__":
+    main()

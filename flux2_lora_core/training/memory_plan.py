@@ -1,0 +1,196 @@
+"""How much memory a LoRA training step needs, per setting, before anything is loaded: `flux2-lora plan`.
+
+The peak of a step is three parts, each computed from the transformer config (no weights are read):
+- weights: the frozen base, `parameter_count(config)` x bytes per parameter of the quantization
+  (bf16 2, fp8 1, int8 1, nf4 ~0.53 with its per-block scales);
+- LoRA + optimizer: the LoRA parameters (rank x (in + out) per targeted Linear) x 16 bytes for AdamW
+  (fp32 weight, fp32 gradient, two fp32 moments), 10 for AdamW8bit, 12 for SGD with momentum;
+- activations: what autograd keeps for backward. Every block sees all B x S tokens, S = (px / 16)^2 image
+  tokens + the text tokens (512), at the hidden size D, so a block keeps `k` tensors of B x S x D
+  compute-dtype elements. Counting the tensors a FLUX.2 block saves (norm inputs and outputs, the LoRA
+  inputs, the q/k norm inputs, q/k/v and the attention output of flash attention, the SwiGLU halves and
+  product, the gated residuals) gives k ~ 23 for a double and a single block alike.
+  Without checkpointing: k x blocks. With it: each block's input (k_saved per block) plus one block recomputed
+  in backward with its gradients (k_recompute), independent of the block count.
+
+The three constants were FITTED (least squares on the relative error) to the peak memory of the engine's
+step measured on an NVIDIA H200 (benchmarks/results/2026-11-29-nvidia-h200.md: bf16 base, batch 1, rank 16,
+512 text tokens, AdamW; klein-4B, klein-9B, [dev], 512 / 1024 px, checkpointing on and off); they predict
+every measured row within 15% (tests/core/training/test_memory_plan.py). Quantized bases are not measured
+yet: their rows assume the same activations plus one dequantized (bf16) copy of the largest Linear at a time.
+`torch.cuda.max_memory_allocated` leaves out the CUDA context (~0.5-1 GiB): "fits" keeps `HEADROOM_GIB` free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GiB = 2 ** 30
+# Bytes per base parameter, scales included (nf4: 4 bits + an absmax per 64 weights, double-quantized).
+QUANTIZATIONS = {"none": 2.0, "fp8": 1.0, "int8": 1.0, "nf4": 0.53}
+# Bytes per LoRA parameter: fp32 weight + fp32 gradient + the optimizer's state.
+OPTIMIZER_BYTES = {"adamw": 16, "adamw8bit": 10, "sgd": 12}
+ACTIVATIONS_PER_BLOCK = 23.8    # k without checkpointing (counted: ~23; fitted to the H200 peaks)
+SAVED_PER_BLOCK = 0.83          # k_saved with checkpointing: each block's input (counted: 1)
+RECOMPUTE = 47.0                # k_recompute: one block recomputed in backward (~23), its gradients and transients
+HEADROOM_GIB = 1.0              # the CUDA context and the allocator's slack, outside max_memory_allocated
+TEXT_TOKENS = 512               # the engine pads or truncates every prompt to 512 tokens
+# Text encoders by hidden size (joint_attention_dim / 3): parameter counts from their model cards (Qwen3-4B
+# 4.02 B, Qwen3-8B 8.19 B, Mistral-Small-3.x-24B 24.0 B); the configs are not shipped with the package.
+TEXT_ENCODERS = {2560: ("Qwen3-4B", 4.02e9, 36), 4096: ("Qwen3-8B", 8.19e9, 36),
+                 5120: ("Mistral Small 3.x 24B", 24.0e9, 40)}
+# Speed order of the settings: measured on the H200 for checkpointing (off is 1.4-2x faster); assumed for the
+# quantizations (a bf16 matmul is the fastest path; fp8/int8 dequantize, nf4 the most).
+SPEED_ORDER = ("none", "fp8", "int8", "nf4")
+SHIPPED_MODELS = ("flux2-klein-4b", "flux2-klein-9b", "flux2-dev")
+
+
+def _sizes(config: dict) -> tuple[int, int, int, int, int]:
+    """(D, MLP hidden, head size, double blocks, single blocks) of a Flux2Transformer2DModel config."""
+    head = int(config["attention_head_dim"])
+    hidden = int(config["num_attention_heads"]) * head
+    return hidden, int(hidden * float(config["mlp_ratio"])), head, int(config["num_layers"]), \
+        int(config["num_single_layers"])
+
+
+def parameter_count(config: dict) -> int:
+    """The transformer's parameters, as diffusers' Flux2Transformer2DModel builds them (no biases anywhere)."""
+    d, m, head, double, single = _sizes(config)
+    blocks = (double * (8 * d * d + 2 * (d * 2 * m + m * d) + 4 * head)     # 8 attention projections, 2 SwiGLU FFs
+              + single * (d * (3 * d + 2 * m) + (d + m) * d + 2 * head))  # fused qkv+mlp-in, fused out
+    embed = (int(config["in_channels"]) + int(config["joint_attention_dim"])) * d
+    time = (int(config.get("timestep_guidance_channels", 256)) * d + d * d) * (2 if config["guidance_embeds"] else 1)
+    modulation = 2 * d * 6 * d + d * 3 * d + d * 2 * d                      # double img/txt, single, norm_out
+    return blocks + embed + time + modulation + d * int(config.get("out_channels") or config["in_channels"])
+
+
+def lora_parameter_count(config: dict, rank: int, targets: str = "attention_mlp") -> int:
+    """LoRA parameters of lora.py's presets: rank x (in + out) per targeted Linear (other targets: attention_mlp)."""
+    d, m, _, double, single = _sizes(config)
+    double_layers = 8 * 2 * d + (0 if targets == "attention" else 2 * ((d + 2 * m) + (m + d)))
+    single_layers = (d + 3 * d + 2 * m) + (d + m + d)
+    return rank * (double * double_layers + single * single_layers)
+
+
+def tokens(resolution: int, text_tokens: int = TEXT_TOKENS) -> int:
+    """Sequence length of a square `resolution` image: 16 px per latent token, plus the prompt's tokens."""
+    return (resolution // 16) ** 2 + text_tokens
+
+
+def activation_bytes(config: dict, resolution: int, *, batch_size: int = 1, checkpointing: bool,
+                     text_tokens: int = TEXT_TOKENS, dtype_bytes: int = 2) -> float:
+    """What a step keeps for backward (see the module doc); dtype_bytes: 2 for bf16 autocast, 4 for fp32."""
+    d, _, _, double, single = _sizes(config)
+    unit = batch_size * tokens(resolution, text_tokens) * d * dtype_bytes     # one (B, S, D) tensor
+    blocks = double + single
+    return unit * (SAVED_PER_BLOCK * blocks + RECOMPUTE if checkpointing else ACTIVATIONS_PER_BLOCK * blocks)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """One setting's predicted peak, in GiB."""
+
+    quantization: str
+    checkpointing: bool
+    weights: float
+    lora: float
+    activations: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.lora + self.activations
+
+    def fits(self, vram_gib: float) -> bool:
+        return self.total + HEADROOM_GIB <= vram_gib
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    resolution: int
+    batch_size: int
+    rank: int
+    vram_gib: float | None
+    rows: tuple[Estimate, ...]             # fastest first (SPEED_ORDER)
+    text_encoder: str
+    text_encoder_gib: float                # its peak while caching: bf16 weights + the hidden states of a prompt
+
+    @property
+    def best(self) -> Estimate | None:
+        """The fastest setting that fits (None without a memory size or when none fits)."""
+        if self.vram_gib is None:
+            return None
+        return next((row for row in self.rows if row.fits(self.vram_gib)), None)
+
+    def estimate(self, quantization: str, checkpointing: bool) -> Estimate:
+        return next(r for r in self.rows if (r.quantization, r.checkpointing) == (quantization, checkpointing))
+
+
+def plan_memory(config: dict, resolution: int, *, name: str = "custom", batch_size: int = 1, rank: int = 16,
+                vram_gib: float | None = None, optimizer: str = "adamw", targets: str = "attention_mlp",
+                quantizations: tuple[str, ...] = SPEED_ORDER, text_tokens: int = TEXT_TOKENS,
+                dtype_bytes: int = 2) -> Plan:
+    """Every (quantization, checkpointing) setting's predicted peak for a transformer config, fastest first."""
+    d, m, _, _, _ = _sizes(config)
+    params = parameter_count(config)
+    lora = lora_parameter_count(config, rank, targets) * OPTIMIZER_BYTES.get(optimizer, 16) / GiB
+    dequantized = d * (3 * d + 2 * m) * 2 / GiB          # the widest Linear (single blocks' fused qkv + mlp-in)
+    rows = []
+    for checkpointing in (False, True):
+        activations = activation_bytes(config, resolution, batch_size=batch_size, checkpointing=checkpointing,
+                                       text_tokens=text_tokens, dtype_bytes=dtype_bytes) / GiB
+        for q in quantizations:
+            bytes_per = QUANTIZATIONS[q] if dtype_bytes == 2 or q != "none" else dtype_bytes
+            rows.append(Estimate(q, checkpointing, params * bytes_per / GiB, lora,
+                                 activations + (dequantized if q != "none" else 0.0)))
+    hidden = int(config["joint_attention_dim"]) // 3
+    encoder, count, layers = TEXT_ENCODERS.get(hidden, (f"text encoder of hidden size {hidden}", 0.0, 0))
+    states = text_tokens * hidden * 2 * (layers + 8)   # bf16: every layer's hidden states + a layer's transients
+    return Plan(name, resolution, batch_size, rank, vram_gib, tuple(rows), encoder, (count * 2 + states) / GiB)
+
+
+def plan_for_variant(variant: str, resolution: int, **options) -> Plan:
+    """`plan_memory` for a shipped model name ("flux2-dev", "flux2-klein-4b", "flux2-klein-9b")."""
+    from ..models import shipped_config
+
+    return plan_memory(shipped_config(variant, "transformer"), resolution, name=variant, **options)
+
+
+def format_plan(plan: Plan) -> str:
+    """The table `flux2-lora plan` prints and Configure LoRA shows."""
+    vram = plan.vram_gib
+    lines = [f"{plan.name} at {plan.resolution} px, batch {plan.batch_size}, rank {plan.rank}: predicted peak GiB "
+             "of a training step" + (f" on {vram:g} GiB (fits: total + {HEADROOM_GIB:g} GiB headroom)" if vram else ""),
+             f"{'quantization':<13}{'checkpointing':<15}{'weights':>8}{'LoRA+opt':>10}{'activations':>13}"
+             f"{'total':>8}  fits"]
+    for r in plan.rows:
+        fits = "" if vram is None else "yes" if r.fits(vram) else "no"
+        lines.append(f"{r.quantization:<13}{'on' if r.checkpointing else 'off':<15}{r.weights:>8.1f}{r.lora:>10.2f}"
+                     f"{r.activations:>13.1f}{r.total:>8.1f}  {fits}")
+    lines.append("block swap: not available yet")
+    te_fits = "" if vram is None else "; fits" if plan.text_encoder_gib + HEADROOM_GIB <= vram else "; does NOT fit"
+    lines.append(f"text encoder while caching ({plan.text_encoder}, bf16): {plan.text_encoder_gib:.1f} GiB{te_fits} "
+                 "(freed before training)")
+    best = plan.best
+    if vram is not None:
+        lines.append(f"fastest that fits: quantization={best.quantization} gradient_checkpointing="
+                     f"{'on' if best.checkpointing else 'off'} ({best.total:.1f} GiB)" if best else
+                     f"nothing fits in {vram:g} GiB: lower the resolution or the batch size")
+    lines.append("speed order: checkpointing off before on (measured: on costs 1.4-2x); bf16, fp8, int8, nf4 "
+                 "(assumed, not measured)")
+    return "\n".join(lines)
+
+
+def settings_summary(*, rank: int, batch_size: int, optimizer: str, checkpointing: bool) -> str:
+    """Configure LoRA's note: each shipped model's predicted peak (bf16 base) with gradient checkpointing off and
+    on, at 512 and 1024 px, so the note shows where checkpointing is needed."""
+    lines = [f"predicted peak memory of a training step, GiB (bf16 base, rank {rank}, batch {batch_size}, "
+             f"{optimizer}), gradient_checkpointing off / on; this node has it {'on' if checkpointing else 'off'}:"]
+    for name in SHIPPED_MODELS:
+        plans = [plan_for_variant(name, px, batch_size=batch_size, rank=rank, optimizer=optimizer,
+                                  quantizations=("none",)) for px in (512, 1024)]
+        off, on = ([p.estimate("none", c).total for p in plans] for c in (False, True))
+        lines.append(f"  {name}: {off[0]:.1f} / {on[0]:.1f} at 512 px, {off[1]:.1f} / {on[1]:.1f} at 1024 px")
+    lines.append(f"plus ~{HEADROOM_GIB:g} GiB for the GPU's context. `flux2-lora plan --variant dev --resolution 1024 "
+                 "--vram 24` adds fp8/int8/nf4 bases and names the fastest setting that fits.")
+    return "\n".join(lines)
