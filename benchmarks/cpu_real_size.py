@@ -3,15 +3,18 @@
 FLUX.2 [klein] 4B is built from the shipped config with random weights (meta-device init, no download) and
 trained through the engine's own micro-step and optimizer step (as benchmarks/gpu_speed.py does on a GPU),
 with gradient checkpointing, in fp32: these CPUs have no bf16 matrix units, so bf16 here would only be slower.
-Prints each step's seconds and loss, and the process's peak RSS.
+Prints each step's seconds and loss, and the process's peak RSS. The base is built in fp32 before any
+quantization, so the peak RSS reported after quantizing includes that build (printed separately).
 
     python benchmarks/cpu_real_size.py                         # klein 4B, 128 px, 1 warm-up + 2 timed steps
     python benchmarks/cpu_real_size.py --resolution 256 --steps 1
+    python benchmarks/cpu_real_size.py --quantization nf4       # the same step over an NF4 base
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import resource
 import sys
 import tempfile
@@ -30,7 +33,21 @@ from flux2_lora_core.training import trainer  # noqa: E402
 
 
 def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # Linux reports KiB
+    """The high-water mark of resident memory since the last reset_peak (Linux), else since the start."""
+    try:
+        status = Path("/proc/self/status").read_text().splitlines()
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 2**20   # KiB
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def reset_peak() -> None:
+    """Start the high-water mark again (Linux): the steps' peak, not the fp32 build's before quantizing."""
+    gc.collect()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
 
 
 def main() -> None:
@@ -41,13 +58,22 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
+    parser.add_argument("--quantization", choices=["none", "fp8", "int8", "nf4"], default="none",
+                        help="quantize the blocks' linears as model.quantization does (their peak RSS is the point)")
     args = parser.parse_args()
 
     started = time.perf_counter()
     config = shipped_config(MODELS[args.variant], "transformer")
     transformer = build_transformer(config, torch.device("cpu"), torch.float32)
-    print(f"{args.variant}: {sum(p.numel() for p in transformer.parameters()) / 1e9:.2f}B parameters in fp32, built in "
-          f"{time.perf_counter() - started:.0f} s; peak RSS {peak_rss_gib():.1f} GiB", flush=True)
+    count = sum(p.numel() for p in transformer.parameters())
+    if args.quantization != "none":
+        from flux2_lora_core.models.quantized_linear import quantize_transformer
+
+        quantize_transformer(transformer, args.quantization, dtype=torch.float32)
+        print(f"quantized to {args.quantization}; peak RSS so far {peak_rss_gib():.1f} GiB", flush=True)
+    reset_peak()
+    print(f"{args.variant}: {count / 1e9:.2f}B parameters built in fp32 and made {args.quantization} in "
+          f"{time.perf_counter() - started:.0f} s; resident now {peak_rss_gib():.1f} GiB", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         s = engine_session(transformer, detect_variant(dict(transformer.config)), args.resolution, 1, args.rank,
                            args.checkpointing, False, Path(tmp))
@@ -59,6 +85,7 @@ def main() -> None:
             print(f"step {step + 1} ({kind}): {time.perf_counter() - start:.1f} s, loss {loss.item():.4f}, "
                   f"peak RSS {peak_rss_gib():.1f} GiB", flush=True)
     print(f"{args.variant}, {args.resolution} px, rank {args.rank}, checkpointing {args.checkpointing}, "
+          f"quantization {args.quantization}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}: peak RSS {peak_rss_gib():.1f} GiB")
 
 
