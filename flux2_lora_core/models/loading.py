@@ -86,7 +86,7 @@ def _check_requested(requested: str, detected: Variant) -> None:
                          f"{detected.joint_attention_dim}); set model.variant to auto or {detected.name}")
 
 
-def _transformer_from_file(path: Path, requested: str, dtype, device):
+def _transformer_from_file(path: Path, requested: str, dtype, device, quantization: str = "none"):
     """Built on the meta device and filled layer by layer from the file (streaming.py), exactly as
     `Flux2Transformer2DModel.from_single_file` would from the whole file, fp8 layers kept in fp8."""
     from accelerate import init_empty_weights
@@ -106,7 +106,10 @@ def _transformer_from_file(path: Path, requested: str, dtype, device):
         model = Flux2Transformer2DModel.from_config(variant.transformer_config)
     states = (to_fp8r(tensors, metadata, path=path, prefix=prefix) for tensors, metadata in read_groups(file, prefix))
     convert = convert_flux2_transformer_checkpoint_to_diffusers if kind == "flux2_transformer" else None
-    model = fill_transformer(model, states, dtype=dtype, device=device, where=str(path), convert=convert)
+    from .quantized_linear import quantize_layers
+
+    model = fill_transformer(model, states, dtype=dtype, device=device, where=str(path), convert=convert,
+                             on_group=lambda names: quantize_layers(model, names, quantization))
     return model, variant
 
 
@@ -114,7 +117,8 @@ def load_transformer(path, *, variant: str = "auto", dtype: torch.dtype, device:
                      quantization: str = "none"):
     """(Flux2Transformer2DModel, Variant) from a diffusers folder or a BFL/ComfyUI single file (bf16, BFL
     fp8r/nvfp4, ComfyUI scaled or mixed fp8), frozen, in eval mode. `quantization` (none | fp8 | nf4 | int8)
-    stores the blocks' linears quantized; fp8 files always compute through QuantizedLinear (see there)."""
+    stores the blocks' linears quantized, a single file's layer by layer as they load (so the full-precision base
+    never has to fit the device); fp8 files always compute through QuantizedLinear (see there)."""
     from diffusers import Flux2Transformer2DModel
 
     path = Path(path)
@@ -123,7 +127,7 @@ def load_transformer(path, *, variant: str = "auto", dtype: torch.dtype, device:
 
     def load():
         if path.is_file():
-            return _transformer_from_file(path, variant, dtype, device)
+            return _transformer_from_file(path, variant, dtype, device, quantization)
         folder, config = component_folder(path, "transformer", "model.path")
         if config.get("_class_name") != "Flux2Transformer2DModel":
             raise ModelError(f"{folder}: holds a {config.get('_class_name')}, not a Flux2Transformer2DModel")

@@ -141,6 +141,26 @@ def _blocks_linear(name: str) -> bool:
     return name.startswith(("transformer_blocks.", "single_transformer_blocks."))
 
 
+def quantize_layers(model: torch.nn.Module, names, scheme: str) -> None:
+    """Quantize the named modules that are the blocks' full-precision linears, right after a streamed load put
+    their weights in place: the device then holds the quantized model and one layer at full precision, never the
+    whole full-precision base (a bf16 [dev] needs 64 GB; NF4 about 17). Others are left to quantize_transformer."""
+    scheme = str(scheme or "none").strip().lower()
+    if scheme == "none":
+        return
+    _check_scheme(scheme)
+    for name in names:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            continue
+        loaded = all(p.device.type != "meta" for p in module.parameters(recurse=False))
+        if type(module) is torch.nn.Linear and _blocks_linear(name) and loaded:
+            parent, _, child = name.rpartition(".")
+            quantized = QuantizedLinear.from_linear(module, scheme)
+            setattr(model.get_submodule(parent) if parent else model, child, quantized)
+
+
 def quantize_transformer(model: torch.nn.Module, scheme: str, *, dtype: torch.dtype) -> torch.nn.Module:
     """Swap the model's linears for QuantizedLinear, in place, one layer at a time (peak: one layer's copy).
 

@@ -102,12 +102,14 @@ def fill(model: torch.nn.Module, states: Iterator[dict], *, dtype: torch.dtype, 
 
 
 def fill_transformer(model, states: Iterator[tuple[dict, str | None]], *, dtype: torch.dtype, device: torch.device,
-                     where: str, convert: Callable[[dict], dict] | None):
+                     where: str, convert: Callable[[dict], dict] | None,
+                     on_group: Callable[[set[str]], None] | None = None):
     """Load diffusers-named (after `convert`) groups into a meta-built Flux2Transformer2DModel, as
     `from_single_file` would for the whole dict: fp8r/nvfp4 layers become diffusers' BFL quantized
     Linears (kept in fp8, their scales alongside), everything else is cast to `dtype`.
 
     `states` yields (state dict in BFL fp8r layout, scheme) per group, as `to_fp8r` returns them.
+    `on_group(module names)` runs once each group is in place (model.quantization quantizes it there).
     """
     from diffusers import BFLQuantizationConfig
     from diffusers.models.model_loading_utils import load_model_dict_into_meta
@@ -134,6 +136,8 @@ def fill_transformer(model, states: Iterator[tuple[dict, str | None]], *, dtype:
                                   keep_in_fp32_modules=[], unexpected_keys=extra)
         loaded.update(state)
         unexpected += extra
+        if on_group is not None:
+            on_group({key.rpartition(".")[0] for key in state if key not in extra})
     check_complete(model, loaded, unexpected, where)
     if quantizer is not None:
         log.info("%s: %d quantized layers, kept quantized", where, n_quantized)

@@ -176,8 +176,9 @@ _MEASURE = textwrap.dedent("""
         open("/proc/self/clear_refs", "w").write("5")  # reset the high-water mark to the current RSS
         if mode == "old":
             model = whole_file_transformer(path, dtype)
-        else:
-            model, _ = _transformer_from_file(path, "auto", dtype, torch.device("cpu"))
+        else:  # "new", or a model.quantization to apply while loading
+            model, _ = _transformer_from_file(path, "auto", dtype, torch.device("cpu"),
+                                              "none" if mode == "new" else mode)
         print(name, rss("VmHWM:") - before, sum(p.numel() * p.element_size() for p in model.parameters()))
         del model
 """)
@@ -204,12 +205,12 @@ def write_wide_transformer(path: Path) -> tuple[int, int]:
     return path.stat().st_size, max(t.numel() * t.element_size() for t in state.values())
 
 
-def measure(path: Path, mode: str, dtypes: str = "bfloat16") -> dict[str, tuple[int, int]]:
+def measure(path: Path, mode: str, dtypes: str = "bfloat16", env=None) -> dict[str, tuple[int, int]]:
     """{dtype: (peak RSS growth while loading, model weight bytes)}, loading `path` the `mode` way (new: this
     package, old: the whole-file path) in one fresh process, once per comma-separated dtype."""
     done = subprocess.run([sys.executable, "-c", _MEASURE, str(path), mode, str(ROOT), str(Path(__file__).parent),
                            dtypes], capture_output=True, text=True, timeout=300,
-                          env={"HF_HUB_OFFLINE": "1", "PATH": ""})
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "", **(env or {})})
     assert done.returncode == 0, done.stderr[-2000:]
     lines = [line.split() for line in done.stdout.splitlines() if line.split()[:1] and line.split()[0] in dtypes]
     return {name: (int(growth), int(size)) for name, growth, size in lines}
@@ -227,3 +228,32 @@ def test_peak_memory_is_the_model_plus_a_layer_or_two_not_file_plus_model(tmp_pa
         # The model itself is unavoidable; streaming adds a layer or two in flight (its bf16 copy and, when
         # widening, its cast). The whole-file path held the file and the model: 1040 MiB here in float32.
         assert growth < model_bytes + 2 * widen * largest + 32 * 2**20
+
+
+def test_quantizing_while_streaming_never_holds_the_full_precision_base(tmp_path):
+    """model.quantization applies layer by layer as a single file loads: a bf16 [dev] never has to fit the device
+    whole. Peak growth loading into fp32 with int8 blocks stays well under the fp32 model alone."""
+    size, largest = write_wide_transformer(tmp_path / "wide.safetensors")
+    # Every allocation over 64 KiB its own mapping, handed back when freed: the resident set then follows what
+    # torch holds, not where glibc's heap happened to keep the freed fp32 layers (517-702 MiB without this).
+    (growth, quantized_bytes), = measure(tmp_path / "wide.safetensors", "int8", "float32",
+                                        env={"MALLOC_MMAP_THRESHOLD_": "65536"}).values()
+    full = 2 * size   # the fp32 model's bytes: the file is bf16
+    print(f"int8 while loading: peak RSS growth {growth / 2**20:.0f} MiB, quantized model "
+          f"{quantized_bytes / 2**20:.0f} MiB, fp32 model {full / 2**20:.0f} MiB")
+    assert quantized_bytes < 0.5 * full
+    # a layer in flight at fp32 plus quantize()'s fp32 temporaries of it (measured: 517 MiB growth for a 327 MiB
+    # int8 model whose largest layer is 80 MiB in fp32); the fp32 base alone would be 678 MiB
+    assert growth < quantized_bytes + 6 * largest + 32 * 2**20 and growth < 0.85 * full
+
+
+def test_a_streamed_quantized_load_equals_quantizing_after_the_load(comfy):
+    from flux2_lora_core.models.loading import load_transformer
+    from flux2_lora_core.models.quantized_linear import QuantizedLinear, quantize_transformer
+
+    path = comfy["klein"]["diffusion_models"]
+    streamed, _ = load_transformer(path, dtype=torch.float32, device=CPU, quantization="nf4")
+    after = quantize_transformer(whole_file_transformer(path, torch.float32), "nf4", dtype=torch.float32)
+    assert sum(isinstance(m, QuantizedLinear) for m in streamed.modules()) > 0
+    assert [type(m).__name__ for m in streamed.modules()] == [type(m).__name__ for m in after.modules()]
+    assert_bit_identical(full_state(streamed), full_state(after))
