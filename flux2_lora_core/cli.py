@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import ConfigError, Flux2LoraError
-from .terminal import ProgressBars, StopOnSignal, TrainingBar, interrupted_exit
+from .terminal import ProgressBars, StopOnSignal, TrainingBar, command_name, interrupted_exit, report_training
 
 logger = logging.getLogger("flux2_lora_core")
 
@@ -115,36 +115,6 @@ def _load(args: argparse.Namespace):
                        check=training_problems)
 
 
-def _command() -> str:
-    """`flux2-lora` as this shell can run it again, for the commands we print: the bare name only where PATH finds
-    this very program; else its full path (a venv not activated, as after scripts/demo.sh), else `python -m`."""
-    import os
-    import shlex
-    import shutil
-
-    me = os.path.abspath(sys.argv[0])
-    if os.path.basename(me) != "flux2-lora":    # started as `python -m flux2_lora_core`
-        return f"{shlex.quote(sys.executable)} -m flux2_lora_core"
-    found = shutil.which("flux2-lora")
-    return "flux2-lora" if found and os.path.exists(me) and os.path.samefile(found, me) else shlex.quote(me)
-
-
-def _report(result) -> None:
-    import shlex
-
-    print(f"trained {result.steps} steps{' (stopped early)' if result.stopped_early else ''}; run folder "
-          f"{result.run_dir}")
-    if result.lora_path is None:
-        return
-    if result.stopped_early:
-        print(f"  resume:  {_command()} resume {shlex.quote(str(result.run_dir))}")
-    print(f"  LoRA:    {result.lora_path}")
-    print(f"  curves:  {result.curves}")
-    if result.samples:   # on resume, the whole run's (resume.earlier_samples)
-        count = len(result.samples)
-        print(f"  samples: {result.samples[0].parent} ({count} image{'s' if count != 1 else ''})")
-
-
 def _run(start, desc: str) -> int:
     """Run `start(callbacks)` under the progress bar and the signal handlers; report; exit 0 or 128 + signal."""
     with StopOnSignal() as stop:
@@ -153,7 +123,7 @@ def _run(start, desc: str) -> int:
             result = start(bar)
         finally:
             bar.close()
-    _report(result)
+    report_training(result)
     return stop.code
 
 
@@ -211,7 +181,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                            overrides=args.overrides), "demo")
     print("the first samples show the model before training, the last after; load the LoRA in ComfyUI with any "
           "LoRA loader, or in diffusers with pipe.load_lora_weights")
-    command = _command()
+    command = command_name()
     if command != "flux2-lora" and not shutil.which("flux2-lora"):   # scripts/demo.sh runs the venv's copy
         activate = Path(sys.prefix, "bin", "activate")
         print(f"flux2-lora is not on your PATH: run it as {command}" + (

@@ -1,4 +1,5 @@
-"""The command line's terminal side: progress bars for the engine's callbacks, and Ctrl+C handling.
+"""The command line's terminal side: progress bars for the engine's callbacks, Ctrl+C handling, and the
+summary a training command ends with.
 
 Kept out of the engine (which reports through callbacks) and out of cli.py (which parses and dispatches).
 """
@@ -131,3 +132,34 @@ class TrainingBar:
         self.setup.__exit__()
         if self.bar is not None:
             self.bar.close()
+
+
+def command_name() -> str:
+    """`flux2-lora` as this shell can run it again, for the commands we print: the bare name only where PATH finds
+    this very program; else its full path (a venv not activated, as after scripts/demo.sh), else `python -m`."""
+    import os
+    import shlex
+    import shutil
+
+    me = os.path.abspath(sys.argv[0])
+    if os.path.basename(me) != "flux2-lora":    # started as `python -m flux2_lora_core`
+        return f"{shlex.quote(sys.executable)} -m flux2_lora_core"
+    found = shutil.which("flux2-lora")
+    return "flux2-lora" if found and os.path.exists(me) and os.path.samefile(found, me) else shlex.quote(me)
+
+
+def report_training(result) -> None:
+    """What a training command prints at the end: where everything is, and how to resume a stopped run."""
+    import shlex
+
+    print(f"trained {result.steps} steps{' (stopped early)' if result.stopped_early else ''}; run folder "
+          f"{result.run_dir}")
+    if result.lora_path is None:
+        return
+    if result.stopped_early:
+        print(f"  resume:  {command_name()} resume {shlex.quote(str(result.run_dir))}")
+    print(f"  LoRA:    {result.lora_path}")
+    print(f"  curves:  {result.curves}")
+    if result.samples:   # on resume, the whole run's (resume.earlier_samples)
+        count = len(result.samples)
+        print(f"  samples: {result.samples[0].parent} ({count} image{'s' if count != 1 else ''})")
