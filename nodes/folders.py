@@ -120,12 +120,22 @@ def diffusers_folders() -> list[str]:
     return sorted(found)
 
 
+def gguf_files() -> list[str]:
+    """GGUF transformers in the diffusion_models folders (ComfyUI lists only its own extensions there; ComfyUI-GGUF
+    adds .gguf under its own loader), relative to their folder."""
+    found = []
+    for root in folder_paths.get_folder_paths("diffusion_models"):
+        for here, _, files in os.walk(root, followlinks=True):
+            found += [os.path.relpath(os.path.join(here, f), root) for f in files if f.lower().endswith(".gguf")]
+    return sorted(set(found))
+
+
 def model_choices() -> dict[str, tuple[list[str], str | None]]:
     """Load Training Model's combos, {input: (options, default)}, read afresh each time ComfyUI asks (a file copied
     in shows up on the next refresh, as in its own loaders). The default is the standard FLUX.2 file when present
     ([klein] first, the text encoder of the transformer's family), else None: the combo's first option. An empty
     models folder is an empty list, as ComfyUI's loaders show it."""
-    options = {"path": folder_paths.get_filename_list("diffusion_models") + diffusers_folders(),
+    options = {"path": folder_paths.get_filename_list("diffusion_models") + gguf_files() + diffusers_folders(),
                "vae": [FROM_DIFFUSERS, *folder_paths.get_filename_list("vae")],
                "text_encoder": [FROM_DIFFUSERS, *folder_paths.get_filename_list("text_encoders")]}
     present = [f for f in STANDARD_FILES.values() if f["path"] in options["path"]] or list(STANDARD_FILES.values())

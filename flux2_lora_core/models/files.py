@@ -32,6 +32,8 @@ class TensorFile:
     dtypes: dict[str, str]  # safetensors names: "BF16", "F8_E4M3", "U8", ...
     metadata: dict[str, str]
     offsets: dict[str, tuple[int, int]] = field(default_factory=dict)  # absolute (start, end) byte positions
+    # GGUF block-quantized weights (gguf.py): (rows, bytes per row) of the raw blocks, read as uint8.
+    raw_shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def select(self, prefixes: tuple[str, ...]) -> tuple[str, dict[str, tuple[int, ...]]]:
         """(prefix, shapes without it) for the first prefix that any key carries, else ("", all shapes)."""
@@ -62,6 +64,12 @@ def read_header(path: str | Path, *, key: str) -> TensorFile:
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
+    if head.startswith(b"GGUF") and key == "model.path":  # the transformer: GGUF files are read as they are
+        from .gguf import read_gguf_header
+
+        return _check_size(read_gguf_header(path), size)
+    with open(path, "rb") as f:
+        f.seek(len(head))
         length = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
         raw = f.read(length) if 2 <= length <= min(_MAX_HEADER, size - 8) else b""
     try:
@@ -69,6 +77,9 @@ def read_header(path: str | Path, *, key: str) -> TensorFile:
     except (UnicodeDecodeError, json.JSONDecodeError):
         header = None
     if not isinstance(header, dict):
+        if head.startswith(b"GGUF"):
+            raise ModelError(f"{path}: a GGUF file; GGUF is read for the transformer (model.path) only: use the "
+                             f".safetensors file for {key}")
         raise ModelError(f"{path}: {_sniff(head)}; only .safetensors files are loaded (pickled checkpoints can run "
                          f"code and are never opened). Use the model's .safetensors file for {key}.")
     metadata = header.pop("__metadata__", None) or {}
@@ -77,13 +88,17 @@ def read_header(path: str | Path, *, key: str) -> TensorFile:
         dtypes = {name: str(t["dtype"]) for name, t in header.items()}
         offsets = {name: (8 + length + int(t["data_offsets"][0]), 8 + length + int(t["data_offsets"][1]))
                    for name, t in header.items()}
-        data_end = max((end - 8 - length for _, end in offsets.values()), default=0)
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise ModelError(f"{path}: damaged safetensors header ({exc!r}); download or copy the file again") from None
-    if 8 + length + data_end > size:
-        raise ModelError(f"{path}: truncated: its header describes {8 + length + data_end:,} bytes but the file has "
-                         f"{size:,}; the download or copy was cut short, fetch the file again")
-    return TensorFile(path, shapes, dtypes, {str(k): str(v) for k, v in metadata.items()}, offsets)
+    return _check_size(TensorFile(path, shapes, dtypes, {str(k): str(v) for k, v in metadata.items()}, offsets), size)
+
+
+def _check_size(file: TensorFile, size: int) -> TensorFile:
+    end = max((end for _, end in file.offsets.values()), default=0)
+    if end > size:
+        raise ModelError(f"{file.path}: truncated: its header describes {end:,} bytes but the file has {size:,}; the "
+                         f"download or copy was cut short, fetch the file again")
+    return file
 
 
 def is_pipeline(folder: Path) -> bool:
@@ -139,7 +154,7 @@ def read_tensor(handle, file: TensorFile, key: str):
     """
     import torch
 
-    name = _DTYPES.get(file.dtypes[key])
+    name = "uint8" if key in file.raw_shapes else _DTYPES.get(file.dtypes[key])
     dtype = getattr(torch, name, None) if name else None
     if dtype is None:
         raise ModelError(f"{file.path}: {key!r} has dtype {file.dtypes[key]}, which this PyTorch cannot hold; "
@@ -155,7 +170,7 @@ def read_tensor(handle, file: TensorFile, key: str):
     if size and handle.readinto(memoryview(raw.numpy())) != size:
         raise ModelError(f"{file.path}: {key!r} could not be read in full; the file is truncated, fetch it again")
     try:
-        return raw.view(dtype).reshape(file.shapes[key])
+        return raw.view(dtype).reshape(file.raw_shapes.get(key, file.shapes[key]))
     except RuntimeError:
         raise ModelError(f"{file.path}: {key!r} holds {end - start} bytes, which do not make a {file.dtypes[key]} "
                          f"tensor of shape {file.shapes[key]}; the file is damaged, fetch it again") from None

@@ -104,12 +104,23 @@ def _transformer_from_file(path: Path, requested: str, dtype, device, quantizati
     _check_requested(requested, variant)
     with init_empty_weights():
         model = Flux2Transformer2DModel.from_config(variant.transformer_config)
-    states = (to_fp8r(tensors, metadata, path=path, prefix=prefix) for tensors, metadata in read_groups(file, prefix))
     convert = convert_flux2_transformer_checkpoint_to_diffusers if kind == "flux2_transformer" else None
     from .quantized_linear import quantize_layers
 
+    def on_group(names):
+        quantize_layers(model, names, quantization)
+
+    if file.raw_shapes:  # GGUF blocks: kept as the file's bytes (gguf.py)
+        from .gguf import fill_gguf_transformer
+
+        if str(quantization or "none").lower() != "none":
+            log.info("%s: GGUF layers stay as the file has them; model.quantization=%s applies to its unquantized "
+                     "block layers only", path, quantization)
+        return fill_gguf_transformer(model, file, prefix, dtype=dtype, device=device, where=str(path),
+                                     convert=convert, on_group=on_group), variant
+    states = (to_fp8r(tensors, metadata, path=path, prefix=prefix) for tensors, metadata in read_groups(file, prefix))
     model = fill_transformer(model, states, dtype=dtype, device=device, where=str(path), convert=convert,
-                             on_group=lambda names: quantize_layers(model, names, quantization))
+                             on_group=on_group)
     return model, variant
 
 

@@ -12,18 +12,24 @@ Layouts (`weight` holds the quantized values, `weight_scale` the fp32 scales):
 - int8: int8 (out, in), per-row absmax / 127.
 - nf4:  the flattened weight in 64-value blocks, one absmax per block, each value the nearest of the 16
         NF4 levels (bitsandbytes' codebook), two 4-bit codes per byte, first value in the high nibble.
-This is a pure-torch implementation, so every mode runs (and is tested) on the CPU; bitsandbytes is not
-needed. The module subclasses torch.nn.Linear, so peft wraps it as any Linear; the LoRA weights stay fp32.
+- GGUF (scheme Q8_0, Q4_K, ...): a GGUF file's blocks as they are, (out, bytes per row) uint8, scales inside
+        them (`weight_scale` empty); see gguf.py and ggml_quants.py.
+The nf4 layout is bitsandbytes' own (`quantize_4bit(blocksize=64, quant_type="nf4")` gives the same bytes and
+absmax): on a CUDA device with bitsandbytes installed, its fused kernel decodes; everywhere else (CPU, ROCm or
+Apple builds without it) the pure-torch path here computes the same values, so every mode runs (and is tested)
+on the CPU. The module subclasses torch.nn.Linear, so peft wraps it as any Linear; the LoRA weights stay fp32.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from . import ggml_quants
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +43,8 @@ NF4_LEVELS = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.394917488098144
               0.7229568362236023, 1.0)
 
 
-def _check_scheme(scheme: str) -> str:
-    if scheme not in SCHEMES:
+def _check_scheme(scheme: str, *, gguf: bool = False) -> str:
+    if scheme not in SCHEMES and not (gguf and scheme in ggml_quants.TYPES):
         raise ConfigError([("model.quantization", f"{scheme!r} is not a quantization: use none, {', '.join(SCHEMES)}")])
     return scheme
 
@@ -63,14 +69,39 @@ def quantize(weight: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Ten
 
 def dequantize(qweight: torch.Tensor, scale: torch.Tensor, scheme: str, shape: tuple[int, int],
                dtype: torch.dtype) -> torch.Tensor:
-    """The (out, in) weight in `dtype` that `quantize` stands for."""
+    """The (out, in) weight in `dtype` that `quantize` stands for (or a GGUF file's blocks, ggml_quants.py)."""
+    if scheme in ggml_quants.TYPES:
+        return ggml_quants.dequantize(qweight, scheme, shape, dtype)
     if scheme in ("fp8", "int8"):
         return (qweight.float() * scale[:, None]).to(dtype)
+    if qweight.is_cuda and _bitsandbytes() is not None:
+        return bitsandbytes_nf4(qweight, scale, shape, dtype)
     codes = torch.stack([qweight >> 4, qweight & 0x0F], dim=-1).reshape(-1, NF4_BLOCK).int()  # (blocks, 64); not
     # int64: the index would be the largest temporary of a big layer's dequantization
     levels = torch.tensor(NF4_LEVELS, device=qweight.device)
     values = (levels[codes] * scale[:, None]).reshape(-1)[: shape[0] * shape[1]]
     return values.reshape(shape).to(dtype)
+
+
+@functools.cache
+def _bitsandbytes():
+    """bitsandbytes' functional module, or None where it is not installed or cannot load (no wheel, no GPU build)."""
+    try:
+        import bitsandbytes.functional as bnb_functional
+    except Exception as exc:  # noqa: BLE001 - any failure to load means: decode in pure torch
+        log.info("bitsandbytes unavailable (%s): NF4 decodes in pure torch", str(exc).splitlines()[0] if str(exc)
+                 else type(exc).__name__)
+        return None
+    return bnb_functional
+
+
+def bitsandbytes_nf4(qweight: torch.Tensor, scale: torch.Tensor, shape: tuple[int, int],
+                     dtype: torch.dtype) -> torch.Tensor:
+    """`dequantize` for nf4 through bitsandbytes' kernel (the layouts are the same; see the module doc)."""
+    bnb = _bitsandbytes()
+    state = bnb.QuantState(absmax=scale, shape=torch.Size(shape), blocksize=NF4_BLOCK, quant_type="nf4", dtype=dtype,
+                           code=bnb.get_4bit_type("nf4", device=qweight.device))
+    return bnb.dequantize_4bit(qweight.reshape(-1, 1), state)
 
 
 class _FrozenQuantizedLinear(torch.autograd.Function):
@@ -100,7 +131,7 @@ class QuantizedLinear(torch.nn.Linear):
                  weight_scale: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype):
         torch.nn.Module.__init__(self)  # not nn.Linear's __init__: it would allocate a full-precision weight
         self.in_features, self.out_features = in_features, out_features
-        self.scheme, self.compute_dtype = _check_scheme(scheme), compute_dtype
+        self.scheme, self.compute_dtype = _check_scheme(scheme, gguf=True), compute_dtype
         self.weight = torch.nn.Parameter(weight, requires_grad=False)
         self.register_buffer("weight_scale", weight_scale)
         self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)

@@ -23,6 +23,7 @@ from flux2_lora_core.models.quantized_linear import (
     NF4_LEVELS,
     SCHEMES,
     QuantizedLinear,
+    bitsandbytes_nf4,
     dequantize,
     quantize,
     quantize_transformer,
@@ -78,6 +79,19 @@ def test_layouts_match_their_definitions():
     assert dequantize(q, s, "nf4", (7, 13), torch.float32).shape == (7, 13)
     with pytest.raises(ConfigError, match="model.quantization"):
         quantize(weight, "int4")
+
+
+def test_nf4_is_bitsandbytes_layout_and_its_kernel_decodes_it_the_same():
+    """On CUDA, nf4 decodes through bitsandbytes' kernel: the bytes and absmax must be its own, and its decoder (its
+    CPU backend here, the same call as on the GPU) must give the pure-torch values. bitsandbytes is a dependency
+    wherever a wheel exists (requirements.txt), so CI runs this."""
+    bnb = pytest.importorskip("bitsandbytes.functional")
+    weight = torch.randn(96, 128, generator=torch.Generator().manual_seed(0))
+    q, s = quantize(weight, "nf4")
+    theirs, state = bnb.quantize_4bit(weight, blocksize=NF4_BLOCK, quant_type="nf4")
+    assert torch.equal(theirs.reshape(-1), q) and torch.equal(state.absmax, s)
+    for dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(bitsandbytes_nf4(q, s, (96, 128), dtype), dequantize(q, s, "nf4", (96, 128), dtype))
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
