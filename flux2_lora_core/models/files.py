@@ -64,12 +64,6 @@ def read_header(path: str | Path, *, key: str) -> TensorFile:
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
-    if head.startswith(b"GGUF") and key == "model.path":  # the transformer: GGUF files are read as they are
-        from .gguf import read_gguf_header
-
-        return _check_size(read_gguf_header(path), size)
-    with open(path, "rb") as f:
-        f.seek(len(head))
         length = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
         raw = f.read(length) if 2 <= length <= min(_MAX_HEADER, size - 8) else b""
     try:
@@ -77,7 +71,7 @@ def read_header(path: str | Path, *, key: str) -> TensorFile:
     except (UnicodeDecodeError, json.JSONDecodeError):
         header = None
     if not isinstance(header, dict):
-        if head.startswith(b"GGUF"):
+        if head.startswith(b"GGUF"):  # the transformer's GGUF files are read by gguf.py; no other part's are
             raise ModelError(f"{path}: a GGUF file; GGUF is read for the transformer (model.path) only: use the "
                              f".safetensors file for {key}")
         raise ModelError(f"{path}: {_sniff(head)}; only .safetensors files are loaded (pickled checkpoints can run "
@@ -90,10 +84,11 @@ def read_header(path: str | Path, *, key: str) -> TensorFile:
                    for name, t in header.items()}
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise ModelError(f"{path}: damaged safetensors header ({exc!r}); download or copy the file again") from None
-    return _check_size(TensorFile(path, shapes, dtypes, {str(k): str(v) for k, v in metadata.items()}, offsets), size)
+    return check_size(TensorFile(path, shapes, dtypes, {str(k): str(v) for k, v in metadata.items()}, offsets), size)
 
 
-def _check_size(file: TensorFile, size: int) -> TensorFile:
+def check_size(file: TensorFile, size: int) -> TensorFile:
+    """`file`, unless its tensors reach past the `size` bytes the file has (a cut download)."""
     end = max((end for _, end in file.offsets.values()), default=0)
     if end > size:
         raise ModelError(f"{file.path}: truncated: its header describes {end:,} bytes but the file has {size:,}; the "

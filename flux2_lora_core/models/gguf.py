@@ -23,7 +23,7 @@ import torch
 
 from ..errors import ModelError
 from . import ggml_quants
-from .files import TensorFile
+from .files import TensorFile, check_size, read_header
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +33,13 @@ _ROW_ID = 1 << 32  # probe values: source index * _ROW_ID + row, exact in float6
 _ADVICE = "use a GGUF in Q8_0, Q6_K, Q5_K, Q5_0/1, Q4_K, Q4_0/1, Q3_K or Q2_K, or the .safetensors file"
 
 
-def is_gguf(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(4) == MAGIC
+def read_transformer_header(path: Path) -> TensorFile:
+    """model.path's header, a GGUF file's or a safetensors file's."""
+    if path.is_file():
+        with open(path, "rb") as f:
+            if f.read(4) == MAGIC:
+                return read_gguf_header(path)
+    return read_header(path, key="model.path")
 
 
 def _metadata(reader) -> dict[str, str]:
@@ -86,7 +90,7 @@ def read_gguf_header(path: Path) -> TensorFile:
             raise ModelError(f"{path}: {name!r} is stored as {qtype}, which is not read for training here; {_ADVICE}")
         shapes[name], dtypes[name] = shape, qtype
         offsets[name] = (t.data_offset, t.data_offset + t.n_bytes)
-    return TensorFile(path, shapes, dtypes, _metadata(reader), offsets, raw_shapes)
+    return check_size(TensorFile(path, shapes, dtypes, _metadata(reader), offsets, raw_shapes), path.stat().st_size)
 
 
 def _probe(index: int, rows: int) -> torch.Tensor:

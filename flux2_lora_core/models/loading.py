@@ -31,6 +31,7 @@ from .files import (
 )
 from .quantization import dequantize, logical_shapes, to_fp8r
 from .single_file import text_encoder_to_comfyui, vae_to_diffusers
+from .gguf import read_transformer_header
 from .streaming import fill, fill_transformer, read_groups
 from .sources import locate_tokenizer, missing_tokenizer_hint
 from .variants import (
@@ -93,7 +94,7 @@ def _transformer_from_file(path: Path, requested: str, dtype, device, quantizati
     from diffusers import Flux2Transformer2DModel
     from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
 
-    file = read_header(path, key="model.path")
+    file = read_transformer_header(path)
     prefix, shapes = file.select(TRANSFORMER_PREFIXES)
     kind, description = identify(shapes)
     if kind not in ("flux2_transformer", "flux2_transformer_diffusers"):
@@ -160,7 +161,7 @@ def probe_variant(path, variant: str = "auto") -> Variant:
     the latent cache needs the family (which text encoder, which prompt layout) before it loads anything."""
     path = Path(path)
     if path.is_file():
-        file = read_header(path, key="model.path")
+        file = read_transformer_header(path)
         prefix, shapes = file.select(TRANSFORMER_PREFIXES)
         dtypes = {k[len(prefix):]: v for k, v in file.dtypes.items() if k.startswith(prefix)}
         detected = detect_variant(logical_shapes(shapes, dtypes), source=str(path))
