@@ -98,11 +98,20 @@ def _tokenizer_fingerprint(tokenizer) -> str:
 class FileEncoders:
     """Encoders loaded from the user's files on first use and released on exit from each `with`."""
 
-    def __init__(self, sources, family: str, *, dtype, device):
+    def __init__(self, sources, family: str, *, dtype, device, text_quantization: str = "none",
+                 text_offload: str = "auto"):
+        from ..models import check_text_offload, check_text_quantization
+
         self.family, self.sources, self.dtype, self.device = family, sources, dtype, device
+        self.text_quantization = check_text_quantization(text_quantization)
+        self.text_offload = check_text_offload(text_offload)  # where weights wait, not what they compute: not keyed
+        # A quantized encoder's embeddings differ from bf16 ones: never reuse either for the other. "none" adds
+        # nothing, so caches written before the option existed stay valid (an fp8 file computes as it did).
+        quantized = [] if self.text_quantization == "none" else [f"quantization={self.text_quantization}"]
         self._fingerprints = {
             "vae": source_fingerprint(sources.vae, extra=["vae", str(dtype)]),
-            "text": source_fingerprint(sources.text_encoder, sources.tokenizer, extra=["text", family, str(dtype)]),
+            "text": source_fingerprint(sources.text_encoder, sources.tokenizer,
+                                       extra=["text", family, str(dtype), *quantized]),
         }
 
     def fingerprint(self, part: str) -> str:
@@ -128,23 +137,27 @@ class FileEncoders:
 
     @contextmanager
     def text_encoder(self):
-        from ..models import load_text_encoder, release
+        from ..models import load_text_encoder, release, remove_offload
 
         log.info("loading the text encoder from %s to encode captions", self.sources.text_encoder)
         model, tokenizer = load_text_encoder(self.sources.text_encoder, family=self.family,
-                                             tokenizer=self.sources.tokenizer, dtype=self.dtype, device=self.device)
+                                             tokenizer=self.sources.tokenizer, dtype=self.dtype, device=self.device,
+                                             quantization=self.text_quantization, offload=self.text_offload)
         try:
             yield model, tokenizer
         finally:
+            remove_offload(model)  # its pinned host copies too
             release(model)
 
 
-def open_encoders(model) -> FileEncoders:
-    """FileEncoders for a `model` config section: locations resolved, family read from the transformer's
-    config or header, device and dtype chosen; nothing loaded yet."""
+def open_encoders(model, cache=None) -> FileEncoders:
+    """FileEncoders for a `model` config section (and `cache`'s text_encoder_offload, default auto): locations
+    resolved, family read from the transformer's config or header, device and dtype chosen; nothing loaded yet."""
     from ..models import choose_device, choose_dtype, probe_variant, resolve_sources
 
     sources = resolve_sources(model.path, vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer)
     family = probe_variant(sources.transformer, model.variant).family
     device = choose_device(model.device)
-    return FileEncoders(sources, family, dtype=choose_dtype(model.dtype, device), device=device)
+    return FileEncoders(sources, family, dtype=choose_dtype(model.dtype, device), device=device,
+                        text_quantization=getattr(model, "text_encoder_quantization", "none"),
+                        text_offload=getattr(cache, "text_encoder_offload", "auto"))

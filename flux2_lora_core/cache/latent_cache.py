@@ -272,7 +272,7 @@ def cache_for_config(config, *, encoders=None, progress=None, prompts=()):
     data = config.data
     dataset = load_dataset(data.path, caption_extensions=data.caption_extensions, trigger_word=data.trigger_word,
                            repeats=data.repeats, recursive=data.recursive, confine_to=data.confine_to)
-    encoders = encoders or open_encoders(config.model)
+    encoders = encoders or open_encoders(config.model, config.cache)
     tokenizer = encoders.tokenizer() if hasattr(encoders, "tokenizer") else None
     report = validate_data(data, dataset=dataset, tokenizer=tokenizer,
                            text_conditioning=config.model.text_conditioning)

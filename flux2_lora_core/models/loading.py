@@ -239,9 +239,25 @@ def _hf_layout(files) -> bool:
     return any(k.startswith(_MISTRAL_HF_PREFIXES) for file in files for k in file.shapes)
 
 
+def _holds_fp8(path: Path) -> bool:
+    """Whether the text encoder's file (or folder's files) stores fp8 weights, from the headers alone."""
+    files = [path] if path.is_file() else sorted((path / "text_encoder" if is_pipeline(path) else path).glob(
+        "*.safetensors"))
+    return any(d.startswith("F8") for f in files for d in read_header(f, key="model.text_encoder").dtypes.values())
+
+
+def _fp8_kept(tensors: dict, metadata: dict, path: Path) -> dict:
+    """A group's fp8 layers in BFL's fp8r layout (fp8 `.weight`, per-row fp32 `.weight_scale`), for
+    encoder_memory.adopt_layers to keep in fp8; formats fp8r cannot hold exactly are refused by name."""
+    state, scheme = to_fp8r(tensors, metadata, path=path)
+    if scheme == "nvfp4":
+        raise ModelError(f"{path}: nvfp4 weights are read for the transformer only; use the bf16 or fp8 text encoder")
+    return state
+
+
 def _text_encoder_weights(path: Path, family: str, dtype: torch.dtype):
     """(config, language-model states) from a single file or a transformers folder; the states come one
-    layer at a time, read as they are consumed (see streaming.py)."""
+    layer at a time, read as they are consumed (see streaming.py), fp8 layers still fp8."""
     from transformers import AutoConfig
 
     if not path.is_dir():
@@ -253,7 +269,7 @@ def _text_encoder_weights(path: Path, family: str, dtype: torch.dtype):
         _text_family(kind, family, path)
         config = text_encoder_config_from_shapes(_config_shapes(file, family, path), family)
         hf = _hf_layout([file])
-        states = (_language_model_state(dequantize(tensors, metadata, dtype=dtype, path=path), family, path, hf)
+        states = (_language_model_state(_fp8_kept(tensors, metadata, path), family, path, hf)
                   for tensors, metadata in read_groups(file, skip=_NOT_WEIGHTS))
         return config, states
     folder = path / "text_encoder" if is_pipeline(path) else path
@@ -266,7 +282,7 @@ def _text_encoder_weights(path: Path, family: str, dtype: torch.dtype):
     if not any(file.shapes.keys() - set(_NOT_WEIGHTS) for file in files):
         raise ModelError(f"{folder}: no .safetensors weights (pickled .bin files are never loaded)")
     hf = _hf_layout(files)
-    states = (_language_model_state(dequantize(tensors, metadata, dtype=dtype, path=file.path), family, folder, hf)
+    states = (_language_model_state(_fp8_kept(tensors, metadata, file.path), family, folder, hf)
               for file in files for tensors, metadata in read_groups(file, skip=_NOT_WEIGHTS))
     return config.get_text_config(), states
 
@@ -310,24 +326,41 @@ def _embedded_tokenizer(path: Path):
     return tokenizer_from_tekken(data, where=path)
 
 
-def load_text_encoder(path, *, family: str, tokenizer=None, dtype: torch.dtype, device: torch.device):
+def load_text_encoder(path, *, family: str, tokenizer=None, dtype: torch.dtype, device: torch.device,
+                      quantization: str = "none", offload: str = "none"):
     """(language model, tokenizer) for FLUX.2 [klein] (Qwen3) or [dev] (Mistral Small 3.x), frozen.
 
     The model is the bare Qwen3Model / MistralModel: `model(input_ids=..., attention_mask=...,
     output_hidden_states=True).hidden_states` equals the pipeline text encoder's.
+    Memory (see encoder_memory.py): an fp8 file's linears stay fp8; `quantization` (none | fp8 | int8 | nf4)
+    quantizes the others layer by layer as they load; `offload` (auto | none | layers) keeps the weights in host
+    memory and runs one decoder layer at a time on `device` ("auto": when they would not fit it).
     """
+    from accelerate import init_empty_weights
     from transformers import MistralModel, Qwen3Model
+
+    from .encoder_memory import (adopt_layers, check_text_offload, check_text_quantization, choose_offload,
+                                 offload_layers, weight_bytes)
 
     if family not in FAMILIES:
         raise ConfigError([("model.variant", f"unknown FLUX.2 family {family!r}: expected dev or klein")])
+    quantization, offload = check_text_quantization(quantization), check_text_offload(offload)
     path = Path(path)
     if not path.exists():
         raise ModelError(f"model.text_encoder: {str(path)!r} does not exist")
+    chosen = "none"
 
     def load():
-        config, states = _text_encoder_weights(path, family, dtype)
+        nonlocal chosen
+        config, states = _text_encoder_weights(path, family, dtype)  # headers read; no weights yet
         cls = Qwen3Model if family == "klein" else MistralModel
-        model = _build(lambda: cls(config), states, dtype=dtype, device=device, where=str(path))
+        with init_empty_weights(include_buffers=False):  # buffers (RoPE frequencies) are computed, keep them
+            model = cls(config)
+        nbytes = weight_bytes(model, scheme=quantization, dtype=dtype, fp8_file=_holds_fp8(path))
+        chosen = choose_offload(offload, nbytes, device)
+        home = torch.device("cpu") if chosen == "layers" else device  # offloaded weights live in host memory
+        model = fill(model, adopt_layers(model, states, scheme=quantization, dtype=dtype, device=home), dtype=dtype,
+                     device=home, where=str(path))
         model.config._name_or_path = str(path)  # named in check_compatible's messages
         return model
 
@@ -337,7 +370,8 @@ def load_text_encoder(path, *, family: str, tokenizer=None, dtype: torch.dtype, 
         raise ModelError(f"{path}: the tokenizer has {len(tok)} tokens but the text encoder embeds only "
                          f"{model.config.vocab_size}; set model.tokenizer to this text encoder's tokenizer")
     log.info("loaded %s text encoder (%s) from %s", TEXT_ENCODERS[family], dtype, path)
-    return _frozen(model), tok
+    model = _frozen(model)
+    return (offload_layers(model, device) if chosen == "layers" else model), tok
 
 
 def check_compatible(variant: Variant, text_encoder) -> None:

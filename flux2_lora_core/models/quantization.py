@@ -117,10 +117,9 @@ def to_fp8r(sd: dict, metadata: dict[str, str], *, path, prefix: str = "") -> tu
 def dequantize(sd: dict, metadata: dict[str, str], *, dtype: torch.dtype, path, prefix: str = "") -> dict:
     """fp8 layers (any layout `to_fp8r` reads) as plain `dtype` weights with their scales applied.
 
-    For the models that only encode (text encoder, VAE): a ComfyUI fp8 text encoder cast to bf16 without
-    its scales would silently produce garbage, and keeping it fp8 saves nothing worth the complexity
-    since it is released after caching. One tensor is widened at a time, so peak memory stays near the
-    file's size.
+    For the VAE, which only encodes (an fp8 VAE cast without its scales would silently produce garbage). The text
+    encoder keeps its fp8 layers fp8 instead (encoder_memory.py: the [dev] encoder is 48 GB in bf16). One tensor
+    is widened at a time, so peak memory stays near the file's size.
     """
     sd, scheme = to_fp8r(sd, metadata, path=path, prefix=prefix)
     if scheme == "nvfp4":
