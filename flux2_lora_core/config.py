@@ -229,6 +229,8 @@ class TrainConfig(_Section):
 
 @dataclass(frozen=True)
 class SampleConfig(_Section):
+    prefetch_batches: int = option(2, "micro-batches a background thread reads ahead from the latent cache (pinned "
+                                   "on CUDA, for non-blocking copies); 0: each step reads its own", min=0)
     every: int = option(0, "sample images every N steps; 0: only after training (none with sample.steps=0)", min=0)
     at_start: bool = option(False, "also sample before the first step (the base model)")
     prompts: tuple[str, ...] = option((), "prompts separated by '|'; empty: the first two training captions",

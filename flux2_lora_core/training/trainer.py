@@ -35,6 +35,7 @@ from .lora import add_lora, trainable_parameters
 from .metrics import MetricsLog, plot_training_curves, step_profiler
 from .optimization import make_optimizer, mixed_precision
 from .run_folder import new_run_dir, write_run_json
+from .prefetch import Prefetcher, prefetcher_for
 from .state import save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -184,9 +185,10 @@ def _finish_setup(config, callbacks, cache, encoders, transformer, variant, targ
 
 
 # ---------------------------------------------------------------------------------------------- the step
-def micro_batch(s: Session, indices: list[int], resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+def micro_batch(s: Session, indices: list[int], resolution: int,
+                batches: Prefetcher | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(latents (B, 128, h, w), prompt embeddings (B, L, D)) with flips and caption dropout drawn from the run's
-    generator."""
+    generator. With `batches` the tensors were read ahead (prefetch.py); the draws are the same either way."""
     draws = torch.rand(2, len(indices), generator=s.generator)
     flips = draws[0] < 0.5 if s.config.data.flip else torch.zeros(len(indices), dtype=torch.bool)
     dropped = draws[1] < s.config.train.caption_dropout
@@ -195,10 +197,11 @@ def micro_batch(s: Session, indices: list[int], resolution: int) -> tuple[torch.
     return latents.to(s.device, s.dtype), torch.stack(texts).to(s.device, s.dtype)
 
 
-def micro_step(s: Session, indices: list[int], resolution: int, scale: float) -> torch.Tensor:
+def micro_step(s: Session, indices: list[int], resolution: int, scale: float,
+               batches: Prefetcher | None = None) -> torch.Tensor:
     """Forward and backward of one micro-batch; returns its loss (a detached device scalar)."""
     t = s.config.train
-    x0, text = micro_batch(s, indices, resolution)                       # (B, 128, h, w), (B, L, D)
+    x0, text = micro_batch(s, indices, resolution, batches)              # (B, 128, h, w), (B, L, D)
     batch, _, h, w = x0.shape
     noise = torch.randn(x0.shape, generator=s.generator).to(s.device, s.dtype)
     sigmas = sample_sigmas(batch, method=t.timestep_sampling, generator=s.generator, logit_mean=t.logit_mean,
@@ -212,6 +215,9 @@ def micro_step(s: Session, indices: list[int], resolution: int, scale: float) ->
         loss = training_loss(s.transformer, x0, text, noise=noise, sigmas=sigmas.to(s.device), img_ids=img_ids,
                              txt_ids=txt_ids, guidance=guidance, weighting=t.loss_weighting)
     scaled = loss * scale
+    if batches is not None:
+        latents, texts = batches.get(resolution, indices).choose(flips, dropped)   # pinned on CUDA
+        return latents.to(s.device, non_blocking=True), texts.to(s.device, non_blocking=True)
     (s.scaler.scale(scaled) if s.scaler else scaled).backward()
     return loss.detach()
 
@@ -276,7 +282,7 @@ def train_loop(s: Session, callbacks: Callbacks) -> bool:
             tick = time.perf_counter()
             resolution = resolution_at(s.step, s.config.data.resolution, t.steps)
             lr = s.scheduler.get_last_lr()[0]
-            step_loss = sum(micro_step(s, s.streams[resolution].next(), resolution, 1 / accumulation)
+            step_loss = sum(micro_step(s, s.streams[resolution].next(), resolution, 1 / accumulation, batches)
                             for _ in range(accumulation)) / accumulation
             s.step += 1
             log_now = s.step % t.log_every == 0 or s.step == t.steps
@@ -291,7 +297,9 @@ def train_loop(s: Session, callbacks: Callbacks) -> bool:
                 logged = tuple(zip([step for step, *_ in batch], _log(s, batch, norm if log_now else None)))
                 last_loss = logged[-1][1]
             done = s.step - first_step
+    batches = None
             rate = done / max(time.perf_counter() - started, 1e-9)
+        batches = prefetcher_for(s)       # None with train.prefetch_batches=0: the step reads the cache itself
             callbacks.on_step(StepReport(s.step, t.steps, last_loss, lr, rate, (t.steps - s.step) / rate,
                                          s.metrics.smoothed_loss(), peak_memory_mb(s.device), logged))
             if s.config.sample.every and s.step % s.config.sample.every == 0 and s.step < t.steps:
@@ -322,6 +330,8 @@ def _log(s: Session, pending, norm) -> list[float]:
     if bad is not None:
         raise TrainingDiverged(f"the loss became {losses[-1]} at step {bad} (lr {pending[-1][2]:.3g}): the LoRA "
                                "weights are no longer usable. Resume from an earlier checkpoint with a lower "
+        if batches is not None:
+            batches.close()
                                "train.lr, or use train.mixed_precision=bf16 instead of fp16")
     return losses
 
