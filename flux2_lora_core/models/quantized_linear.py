@@ -150,6 +150,18 @@ class QuantizedLinear(torch.nn.Linear):
                    weight_scale=linear.weight_scale, bias=None if linear.bias is None else linear.bias.detach(),
                    compute_dtype=compute_dtype)
 
+    def _apply(self, fn, recurse=True):
+        """Moves reach the stored weight and its scales, casts do not: `model.to(torch.bfloat16)` (which a streamed
+        load ends with) would widen an fp8 weight, a floating tensor to torch, back to bf16 and round the fp32
+        scales to bf16. As bitsandbytes' Params4bit keep their absmax, these keep their dtypes."""
+        weight, scale = self.weight.data, self.weight_scale   # .data: _apply converts the Parameter in place
+        super()._apply(fn, recurse)
+        moved = fn(weight)
+        self.weight.data = moved if moved.dtype == weight.dtype else weight.to(moved.device)
+        moved = fn(scale)
+        self._buffers["weight_scale"] = moved if moved.dtype == scale.dtype else scale.to(moved.device)
+        return self
+
     def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return dequantize(self.weight, self.weight_scale, self.scheme, (self.out_features, self.in_features),
                           dtype or self.compute_dtype)

@@ -245,3 +245,17 @@ def test_quantize_transformer_keeps_quantized_layers_and_refuses_unknown_schemes
     assert [m for m in model.modules() if isinstance(m, QuantizedLinear)] == first
     with pytest.raises(ConfigError, match="model.quantization"):
         quantize_transformer(build_tiny_pipeline("klein", seed=0).transformer, "q4", dtype=torch.float32)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_a_cast_to_bf16_keeps_the_stored_weight_and_fp32_scales(tmp_path, scheme):
+    """A streamed single-file load ends with `model.to(bf16)`: it once widened fp8 weights back to bf16 (no memory
+    saved) and rounded every scale to bf16. Moves must still reach them."""
+    write_tiny_model(tmp_path, variant="klein", fmt="comfyui")
+    model, _ = load_transformer(tmp_path / COMFYUI_FILES["klein"]["transformer"], quantization=scheme,
+                                dtype=torch.bfloat16, device=torch.device("cpu"))
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    stored = {"fp8": torch.float8_e4m3fn, "int8": torch.int8, "nf4": torch.uint8}[scheme]
+    assert layers and all(m.weight.dtype == stored and m.weight_scale.dtype == torch.float32 for m in layers)
+    model.to("meta")
+    assert all(m.weight.device.type == m.weight_scale.device.type == "meta" for m in layers)
