@@ -103,14 +103,17 @@ class ModelConfig(_Section):
                         aliases=DTYPE_ALIASES)
     quantization: str = option("none", "none | fp8 | nf4 | int8: store the frozen transformer blocks quantized "
                                "(an fp8 file stays fp8 under none)", choices=("none", "fp8", "nf4", "int8"))
+    blocks_to_swap: int = option(0, "keep the last N transformer blocks' frozen weights in (pinned) host memory and "
+                                 "copy each in just before use, overlapping compute: less GPU memory, some speed; "
+                                 "turns train.gradient_checkpointing on; 0: off", min=0)
     device: str = option("auto", "auto | cpu | cuda | cuda:N | mps", check=_device)
-    text_conditioning: str = option("comfyui", "comfyui | diffusers: whose prompt encoding the LoRA is trained on",
-                                    choices=("comfyui", "diffusers"))
-
     text_encoder_quantization: str = option("none", "none | fp8 | int8 | nf4: store the text encoder's linears "
                                             "quantized while captions are cached (the 48 GB [dev] encoder: ~24 GB in "
                                             "fp8/int8, ~13 GB in nf4); re-encodes the captions; an fp8 file stays fp8 "
                                             "under none", choices=("none", "fp8", "int8", "nf4"))
+    text_conditioning: str = option("comfyui", "comfyui | diffusers: whose prompt encoding the LoRA is trained on",
+                                    choices=("comfyui", "diffusers"))
+
 
 @dataclass(frozen=True)
 class DataConfig(_Section):
@@ -148,13 +151,13 @@ class CacheConfig(_Section):
                                 "batches can be faster on a GPU and round differently (up to 1e-4 measured)", min=1)
     verify: str = option("quick", "quick (sizes and headers) | full (SHA-256 of every shard)",
                          choices=("quick", "full"))
-
-    @property
-    def resolved_dir(self) -> Path:
     text_encoder_offload: str = option("auto", "auto | none | layers: layers keeps the text encoder in host memory "
                                        "and runs one layer at a time on the GPU (slower, fits any GPU); auto does so "
                                        "when its weights would not fit the free GPU memory", choices=("auto", "none",
                                                                                                       "layers"))
+
+    @property
+    def resolved_dir(self) -> Path:
         """Resolved when used, not stored: a saved config keeps following the user's environment."""
         return Path(self.dir) if self.dir else default_cache_dir()
 
@@ -220,17 +223,20 @@ class TrainConfig(_Section):
     guidance: float = option(3.5, "[dev] guidance embedding value while training (diffusers' script: 3.5); "
                              "[klein] has none", min=0)
     caption_dropout: float = option(0.0, "fraction of steps trained on the empty caption", check=_fraction)
-    gradient_checkpointing: bool = option(False, "recompute activations in backward: much less memory, ~+40% time")
+    gradient_checkpointing: str = option("auto", "auto | true | false: recompute activations in backward, much less "
+                                         "memory for 1.4-2x the step time; auto: on where the step would not fit "
+                                         "the device's free memory without it", choices=("auto", "true", "false"),
+                                         aliases={"on": "true", "off": "false"})
     compile: bool = option(False, "torch.compile each transformer block")
     profile_steps: int = option(0, "write a torch.profiler trace of this many steps (after 2 warm-up steps)", min=0)
+    prefetch_batches: int = option(2, "micro-batches a background thread reads ahead from the latent cache (pinned "
+                                   "on CUDA, for non-blocking copies); 0: each step reads its own", min=0)
     seed: int = option(42, "seed for LoRA init, data order, noise and timesteps: same seed, same run")
     log_every: int = option(10, "write metrics (and the gradient norm) every N steps", min=1)
 
 
 @dataclass(frozen=True)
 class SampleConfig(_Section):
-    prefetch_batches: int = option(2, "micro-batches a background thread reads ahead from the latent cache (pinned "
-                                   "on CUDA, for non-blocking copies); 0: each step reads its own", min=0)
     every: int = option(0, "sample images every N steps; 0: only after training (none with sample.steps=0)", min=0)
     at_start: bool = option(False, "also sample before the first step (the base model)")
     prompts: tuple[str, ...] = option((), "prompts separated by '|'; empty: the first two training captions",

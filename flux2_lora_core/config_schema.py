@@ -105,6 +105,8 @@ def _clean_path(text: str) -> str:
 
 def _normalise(f, tp, value):
     meta = f.metadata
+    if meta["choices"] and isinstance(value, bool) and str(value).lower() in meta["choices"]:
+        value = str(value).lower()  # a setting that grew past a bool (auto | true | false) still takes YAML's bools
     value = _convert(value, tp, meta["sep"])
     if meta["path"] and value:
         value = _clean_path(value)

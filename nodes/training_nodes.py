@@ -50,7 +50,9 @@ class LoadTrainingModel(io.ComfyNode):
                 io.Combo.Input("dtype", options=["auto", "bf16", "fp16", "fp32"], default="auto", tooltip="Weight precision while training; auto: bf16 on a GPU that supports it, else fp32."),
                 io.Combo.Input("text_conditioning", options=["comfyui", "diffusers"], default="comfyui", tooltip="Whose prompt encoding the LoRA is trained on; comfyui for LoRAs used in ComfyUI."),
                 io.String.Input("tokenizer", default="", optional=True, advanced=True, tooltip="Usually empty: [klein] uses ComfyUI's own qwen25_tokenizer, [dev] the one inside its text-encoder file, a diffusers folder its own. Only for models that need another: a tokenizer folder in models/text_encoders or models/ (e.g. 'tokenizer' for models/tokenizer)."),
-                io.Combo.Input("quantization", options=["none", "fp8", "nf4", "int8"], default="none", optional=True, tooltip="Store the frozen transformer blocks quantized while training, to fit big models: fp8 halves bf16's memory, int8 too (closer to bf16), nf4 quarters it (least exact). The LoRA still loads into the full-precision model. An fp8 file stays fp8 under none."),
+                io.Combo.Input("quantization", options=["none", "fp8", "nf4", "int8"], default="none", optional=True, tooltip="Store the frozen transformer blocks quantized while training, to fit big models: fp8 halves bf16's memory, int8 too (closer to bf16), nf4 quarters it (least exact). The LoRA still loads into the full-precision model. An fp8 or GGUF file stays as it is under none."),
+                io.Int.Input("blocks_to_swap", default=0, min=0, max=64, optional=True, tooltip="model.blocks_to_swap: keep the last N transformer blocks in (pinned) system memory and copy each to the GPU just before it runs, overlapping the copy with compute. Less GPU memory, slower steps; turns gradient checkpointing on. This node's note shows the predicted peak for the value set here."),
+                io.Combo.Input("text_encoder_quantization", options=["none", "fp8", "int8", "nf4"], default="none", optional=True, tooltip="model.text_encoder_quantization: store the text encoder quantized while captions are cached ([dev]'s 48 GB Mistral: ~24 GB in fp8/int8, ~13 GB in nf4). Captions are re-encoded when it changes. Where it still does not fit, caching runs it one layer at a time on the GPU by itself."),
             ],
             outputs=[Model.Output(display_name="model")],
         )
@@ -62,12 +64,15 @@ class LoadTrainingModel(io.ComfyNode):
 
     @classmethod
     def execute(cls, path, vae, text_encoder, variant, dtype, text_conditioning, tokenizer="",
-                quantization="none") -> io.NodeOutput:
+                quantization="none", blocks_to_swap=0, text_encoder_quantization="none") -> io.NodeOutput:
+        from ..flux2_lora_core.training.model_fit import gpu_memory_gib, model_note
+
         files = dict(path=path, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
-        return io.NodeOutput(ModelConfig(**{key: model_path(key, "" if text == FROM_DIFFUSERS else text)
-                                            for key, text in files.items()},
-                                         variant=variant, dtype=dtype, text_conditioning=text_conditioning,
-                                         quantization=quantization))
+        model = ModelConfig(**{key: model_path(key, "" if text == FROM_DIFFUSERS else text)
+                               for key, text in files.items()}, variant=variant, dtype=dtype,
+                            text_conditioning=text_conditioning, quantization=quantization,
+                            blocks_to_swap=blocks_to_swap, text_encoder_quantization=text_encoder_quantization)
+        return io.NodeOutput(model, ui=ui.PreviewText(model_note(model, vram_gib=gpu_memory_gib())))
 
 
 class CacheLatents(io.ComfyNode):

@@ -7,6 +7,7 @@ from ..exports import lazy_exports
 __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "devices": ("choose_device", "choose_dtype", "free_memory", "peak_memory_mb", "release"),
     "encoder_memory": ("check_text_offload", "check_text_quantization", "remove_offload"),
+    "gguf": ("read_transformer_header",),
     "loading": ("check_compatible", "load_text_encoder", "load_tokenizer", "load_transformer", "load_vae",
                 "probe_variant", "weights_fingerprint"),
     "single_file": ("TRANSFORMER_RENAMES", "compile_template"),

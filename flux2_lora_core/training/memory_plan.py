@@ -2,7 +2,7 @@
 
 The peak of a step is three parts, each computed from the transformer config (no weights are read):
 - weights: the frozen base, `parameter_count(config)` x bytes per parameter of the quantization
-  (bf16 2, fp8 1, int8 1, nf4 ~0.53 with its per-block scales);
+  (bf16 2, fp8 1, int8 1, nf4 0.5625 with its per-block scales);
 - LoRA + optimizer: the LoRA parameters (rank x (in + out) per targeted Linear) x 16 bytes for AdamW
   (fp32 weight, fp32 gradient, two fp32 moments), 10 for AdamW8bit, 12 for SGD with momentum;
 - activations: what autograd keeps for backward. Every block sees all B x S tokens, S = (px / 16)^2 image
@@ -26,8 +26,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 GiB = 2 ** 30
-# Bytes per base parameter, scales included (nf4: 4 bits + an absmax per 64 weights, double-quantized).
-QUANTIZATIONS = {"none": 2.0, "fp8": 1.0, "int8": 1.0, "nf4": 0.53}
+# Bytes per base parameter, scales included (nf4: 4 bits + an fp32 absmax per 64 weights, as quantized_linear.py
+# stores it; the per-row fp8/int8 scales are negligible).
+QUANTIZATIONS = {"none": 2.0, "fp8": 1.0, "int8": 1.0, "nf4": 0.5 + 4 / 64}
 # Bytes per LoRA parameter: fp32 weight + fp32 gradient + the optimizer's state.
 OPTIMIZER_BYTES = {"adamw": 16, "adamw8bit": 10, "sgd": 12}
 ACTIVATIONS_PER_BLOCK = 23.8    # k without checkpointing (counted: ~23; fitted to the H200 peaks)
@@ -37,8 +38,11 @@ HEADROOM_GIB = 1.0              # the CUDA context and the allocator's slack, ou
 TEXT_TOKENS = 512               # the engine pads or truncates every prompt to 512 tokens
 # Text encoders by hidden size (joint_attention_dim / 3): parameter counts from their model cards (Qwen3-4B
 # 4.02 B, Qwen3-8B 8.19 B, Mistral-Small-3.x-24B 24.0 B); the configs are not shipped with the package.
-TEXT_ENCODERS = {2560: ("Qwen3-4B", 4.02e9, 36), 4096: ("Qwen3-8B", 8.19e9, 36),
-                 5120: ("Mistral Small 3.x 24B", 24.0e9, 40)}
+TEXT_ENCODERS = {2560: ("Qwen3-4B", 4.02e9, 36, 151936), 4096: ("Qwen3-8B", 8.19e9, 36, 151936),
+                 5120: ("Mistral Small 3.x 24B", 24.0e9, 40, 131072)}   # (name, parameters, layers, vocabulary)
+# Bytes per text-encoder parameter under model.text_encoder_quantization (nf4 with its fp32 absmax per 64).
+TEXT_QUANTIZATIONS = {"bf16": 2.0, "fp8/int8": 1.0, "nf4": 0.5 + 4 / 64}
+SWAP_WINDOW = 2                 # swapped blocks on the device at once: the running one and the next (block_swap.AHEAD + 1)
 # Speed order of the settings: measured on the H200 for checkpointing (off is 1.4-2x faster); assumed for the
 # quantizations (a bf16 matmul is the fastest path; fp8/int8 dequantize, nf4 the most).
 SPEED_ORDER = ("none", "fp8", "int8", "nf4")
@@ -72,6 +76,20 @@ def lora_parameter_count(config: dict, rank: int, targets: str = "attention_mlp"
     return rank * (double * double_layers + single * single_layers)
 
 
+def block_parameters(config: dict) -> list[int]:
+    """Each block's parameters in forward order (double blocks, then single), as parameter_count counts them."""
+    d, m, head, double, single = _sizes(config)
+    return [8 * d * d + 2 * (d * 2 * m + m * d) + 4 * head] * double + [d * (3 * d + 2 * m) + (d + m) * d + 2 * head] * single
+
+
+def swap_saving(config: dict, swapped: int, bytes_per: float) -> float:
+    """GiB of weights `model.blocks_to_swap=swapped` takes off the device: the last `swapped` blocks of the forward
+    order, less the SWAP_WINDOW largest of them that are on the device at a time (block_swap.py)."""
+    moved = block_parameters(config)[len(block_parameters(config)) - swapped:] if swapped else []
+    kept = sum(sorted(moved, reverse=True)[:SWAP_WINDOW])
+    return max(0, sum(moved) - kept) * bytes_per / GiB
+
+
 def tokens(resolution: int, text_tokens: int = TEXT_TOKENS) -> int:
     """Sequence length of a square `resolution` image: 16 px per latent token, plus the prompt's tokens."""
     return (resolution // 16) ** 2 + text_tokens
@@ -95,6 +113,7 @@ class Estimate:
     weights: float
     lora: float
     activations: float
+    swapped: int = 0                   # model.blocks_to_swap (its weights are already left out of `weights`)
 
     @property
     def total(self) -> float:
@@ -111,9 +130,10 @@ class Plan:
     batch_size: int
     rank: int
     vram_gib: float | None
-    rows: tuple[Estimate, ...]             # fastest first (SPEED_ORDER)
+    rows: tuple[Estimate, ...]             # fastest first (SPEED_ORDER), then block swap where a GPU size is given
     text_encoder: str
     text_encoder_gib: float                # its peak while caching: bf16 weights + the hidden states of a prompt
+    text_encoder_settings: tuple[tuple[str, float], ...] = ()   # (setting, peak GiB) of the other ways to cache
 
     @property
     def best(self) -> Estimate | None:
@@ -122,15 +142,18 @@ class Plan:
             return None
         return next((row for row in self.rows if row.fits(self.vram_gib)), None)
 
-    def estimate(self, quantization: str, checkpointing: bool) -> Estimate:
-        return next(r for r in self.rows if (r.quantization, r.checkpointing) == (quantization, checkpointing))
+    def estimate(self, quantization: str, checkpointing: bool, swapped: int = 0) -> Estimate:
+        return next(r for r in self.rows
+                    if (r.quantization, r.checkpointing, r.swapped) == (quantization, checkpointing, swapped))
 
 
 def plan_memory(config: dict, resolution: int, *, name: str = "custom", batch_size: int = 1, rank: int = 16,
                 vram_gib: float | None = None, optimizer: str = "adamw", targets: str = "attention_mlp",
                 quantizations: tuple[str, ...] = SPEED_ORDER, text_tokens: int = TEXT_TOKENS,
                 dtype_bytes: int = 2) -> Plan:
-    """Every (quantization, checkpointing) setting's predicted peak for a transformer config, fastest first."""
+    """Every (quantization, checkpointing) setting's predicted peak for a transformer config, fastest first; given a
+    GPU size, then per quantization whose checkpointed row does not fit it, the fewest model.blocks_to_swap that
+    make it fit (block swap needs checkpointing; its copies cost time, so it comes last)."""
     d, m, _, _, _ = _sizes(config)
     params = parameter_count(config)
     lora = lora_parameter_count(config, rank, targets) * OPTIMIZER_BYTES.get(optimizer, 16) / GiB
@@ -143,10 +166,26 @@ def plan_memory(config: dict, resolution: int, *, name: str = "custom", batch_si
             bytes_per = QUANTIZATIONS[q] if dtype_bytes == 2 or q != "none" else dtype_bytes
             rows.append(Estimate(q, checkpointing, params * bytes_per / GiB, lora,
                                  activations + (dequantized if q != "none" else 0.0)))
+    swaps = []   # (GiB copied in per step, row): the fewer bytes wait on the host-to-GPU link, the faster
+    for row in [r for r in rows if r.checkpointing and vram_gib is not None and not r.fits(vram_gib)]:
+        bytes_per = QUANTIZATIONS[row.quantization] if dtype_bytes == 2 or row.quantization != "none" else dtype_bytes
+        for swapped in range(SWAP_WINDOW + 1, len(block_parameters(config)) + 1):
+            swap = Estimate(row.quantization, True, row.weights - swap_saving(config, swapped, bytes_per), row.lora,
+                            row.activations, swapped)
+            if swap.fits(vram_gib):
+                swaps.append((sum(block_parameters(config)[-swapped:]) * bytes_per, swap))
+                break
+    rows += [row for _, row in sorted(swaps, key=lambda pair: pair[0])]
     hidden = int(config["joint_attention_dim"]) // 3
-    encoder, count, layers = TEXT_ENCODERS.get(hidden, (f"text encoder of hidden size {hidden}", 0.0, 0))
+    encoder, count, layers, vocab = TEXT_ENCODERS.get(hidden, (f"text encoder of hidden size {hidden}", 0.0, 0, 0))
     states = text_tokens * hidden * 2 * (layers + 8)   # bf16: every layer's hidden states + a layer's transients
-    return Plan(name, resolution, batch_size, rank, vram_gib, tuple(rows), encoder, (count * 2 + states) / GiB)
+    settings = [(f"model.text_encoder_quantization={q}" if q != "bf16" else "bf16", (count * b + states) / GiB)
+                for q, b in TEXT_QUANTIZATIONS.items()]
+    if layers:   # layer offload: the embedding (and norm) on the device, two decoder layers at a time
+        settings.append(("cache.text_encoder_offload=layers (bf16)",
+                         (vocab * hidden * 2 + 2 * (count - vocab * hidden) / layers * 2 + states) / GiB))
+    return Plan(name, resolution, batch_size, rank, vram_gib, tuple(rows), encoder, (count * 2 + states) / GiB,
+                tuple(settings[1:]))
 
 
 def plan_for_variant(variant: str, resolution: int, **options) -> Plan:
@@ -161,31 +200,38 @@ def format_plan(plan: Plan) -> str:
     vram = plan.vram_gib
     lines = [f"{plan.name} at {plan.resolution} px, batch {plan.batch_size}, rank {plan.rank}: predicted peak GiB "
              "of a training step" + (f" on {vram:g} GiB (fits: total + {HEADROOM_GIB:g} GiB headroom)" if vram else ""),
-             f"{'quantization':<13}{'checkpointing':<15}{'weights':>8}{'LoRA+opt':>10}{'activations':>13}"
+             f"{'quantization':<13}{'checkpointing':<15}{'swap':>5}{'weights':>8}{'LoRA+opt':>10}{'activations':>13}"
              f"{'total':>8}  fits"]
     for r in plan.rows:
         fits = "" if vram is None else "yes" if r.fits(vram) else "no"
-        lines.append(f"{r.quantization:<13}{'on' if r.checkpointing else 'off':<15}{r.weights:>8.1f}{r.lora:>10.2f}"
-                     f"{r.activations:>13.1f}{r.total:>8.1f}  {fits}")
-    lines.append("block swap: not available yet")
-    te_fits = "" if vram is None else "; fits" if plan.text_encoder_gib + HEADROOM_GIB <= vram else "; does NOT fit"
-    lines.append(f"text encoder while caching ({plan.text_encoder}, bf16): {plan.text_encoder_gib:.1f} GiB{te_fits} "
-                 "(freed before training)")
+        lines.append(f"{r.quantization:<13}{'on' if r.checkpointing else 'off':<15}{r.swapped or '':>5}"
+                     f"{r.weights:>8.1f}{r.lora:>10.2f}{r.activations:>13.1f}{r.total:>8.1f}  {fits}")
+    if vram is None:
+        lines.append("swap: model.blocks_to_swap; give --vram to see how many blocks each setting needs swapped")
+
+    def fits(gib: float) -> str:
+        return "" if vram is None else " (fits)" if gib + HEADROOM_GIB <= vram else " (does NOT fit)"
+
+    lines.append(f"text encoder while caching ({plan.text_encoder}; freed before training), peak GiB:")
+    lines += [f"  {name:<44}{gib:>6.1f}{fits(gib)}"
+              for name, gib in (("bf16", plan.text_encoder_gib), *plan.text_encoder_settings)]
     best = plan.best
     if vram is not None:
+        swap = f" model.blocks_to_swap={best.swapped}" if best and best.swapped else ""
         lines.append(f"fastest that fits: quantization={best.quantization} gradient_checkpointing="
-                     f"{'on' if best.checkpointing else 'off'} ({best.total:.1f} GiB)" if best else
+                     f"{'on' if best.checkpointing else 'off'}{swap} ({best.total:.1f} GiB)" if best else
                      f"nothing fits in {vram:g} GiB: lower the resolution or the batch size")
-    lines.append("speed order: checkpointing off before on (measured: on costs 1.4-2x); bf16, fp8, int8, nf4 "
-                 "(assumed, not measured)")
+    lines.append("speed order: checkpointing off before on (measured: on costs 1.4-2x); bf16, fp8, int8, nf4, then "
+                 "block swap, fewest bytes copied first (assumed, not measured: each swapped block is copied in twice a step)")
     return "\n".join(lines)
 
 
-def settings_summary(*, rank: int, batch_size: int, optimizer: str, checkpointing: bool) -> str:
+def settings_summary(*, rank: int, batch_size: int, optimizer: str, checkpointing: str) -> str:
     """Configure LoRA's note: each shipped model's predicted peak (bf16 base) with gradient checkpointing off and
     on, at 512 and 1024 px, so the note shows where checkpointing is needed."""
+    chosen = {"auto": "auto (on where a step would not fit without it)", "true": "on", "false": "off"}
     lines = [f"predicted peak memory of a training step, GiB (bf16 base, rank {rank}, batch {batch_size}, "
-             f"{optimizer}), gradient_checkpointing off / on; this node has it {'on' if checkpointing else 'off'}:"]
+             f"{optimizer}), gradient_checkpointing off / on; this node has it {chosen.get(checkpointing, checkpointing)}:"]
     for name in SHIPPED_MODELS:
         plans = [plan_for_variant(name, px, batch_size=batch_size, rank=rank, optimizer=optimizer,
                                   quantizations=("none",)) for px in (512, 1024)]
@@ -194,3 +240,37 @@ def settings_summary(*, rank: int, batch_size: int, optimizer: str, checkpointin
     lines.append(f"plus ~{HEADROOM_GIB:g} GiB for the GPU's context. `flux2-lora plan --variant dev --resolution 1024 "
                  "--vram 24` adds fp8/int8/nf4 bases and names the fastest setting that fits.")
     return "\n".join(lines)
+
+
+def free_memory_gib(device) -> float | None:
+    """What a step can still take on `device`: CUDA's free memory, the host's MemAvailable on the CPU; None where it
+    cannot be read."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] / GiB
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo", encoding="ascii") as f:
+                return next(int(line.split()[1]) * 1024 / GiB for line in f if line.startswith("MemAvailable:"))
+        except (OSError, StopIteration, ValueError):
+            return None
+    return None
+
+
+def resolve_checkpointing(setting: str, transformer_config: dict, *, resolution: int, batch_size: int, rank: int,
+                          optimizer: str, targets: str, dtype_bytes: int, free_gib: float | None) -> tuple[bool, str]:
+    """train.gradient_checkpointing as (on, why). "auto" (the default of the CLI and the nodes alike) turns it on
+    when what a step adds to the loaded weights without it (LoRA + optimizer state + activations, as plan_memory
+    predicts them) would not fit in `free_gib` with HEADROOM_GIB to spare: checkpointing costs 1.4-2x the step time,
+    so it is on only where memory needs it; unknown free memory (MPS) keeps it on."""
+    if setting != "auto":
+        return setting == "true", f"train.gradient_checkpointing={setting}"
+    needed = (activation_bytes(transformer_config, resolution, batch_size=batch_size, checkpointing=False,
+                               dtype_bytes=dtype_bytes)
+              + lora_parameter_count(transformer_config, rank, targets) * OPTIMIZER_BYTES.get(optimizer, 16)) / GiB
+    if free_gib is None:
+        return True, "train.gradient_checkpointing=auto: on (this device's free memory cannot be read)"
+    on = needed + HEADROOM_GIB > free_gib
+    return on, (f"train.gradient_checkpointing=auto: {'on' if on else 'off'} (a step without it adds ~{needed:.1f} "
+                f"GiB to the loaded weights; {free_gib:.1f} GiB free)")

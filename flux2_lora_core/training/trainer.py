@@ -29,13 +29,14 @@ from ..data import BatchStream, resolution_at
 from ..errors import ConfigError, Flux2LoraError, TrainingDiverged
 from ..models import choose_device, choose_dtype, free_memory, peak_memory_mb, release
 from ..preflight import check_training_config
+from .block_swap import swap_blocks, unswap_blocks
 from .callbacks import Callbacks, StepReport
 from .flow_matching import PositionIds, sample_sigmas, shift_sigmas, training_loss
 from .lora import add_lora, trainable_parameters
 from .metrics import MetricsLog, plot_training_curves, step_profiler
 from .optimization import make_optimizer, mixed_precision
-from .run_folder import new_run_dir, write_run_json
 from .prefetch import Prefetcher, prefetcher_for
+from .run_folder import new_run_dir, write_run_json
 from .state import save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -148,13 +149,35 @@ def setup(config: Config, callbacks: Callbacks, encoders=None, transformer=None,
         raise
 
 
+def _checkpointing(config, transformer, device, compute_dtype) -> bool:
+    """train.gradient_checkpointing resolved for this model and device (memory_plan.resolve_checkpointing)."""
+    from .memory_plan import free_memory_gib, resolve_checkpointing
+
+    t = config.train
+    on, why = resolve_checkpointing(t.gradient_checkpointing, dict(transformer.config),
+                                    resolution=max(config.data.resolution), batch_size=t.batch_size,
+                                    rank=config.lora.rank, optimizer=t.optimizer, targets=config.lora.targets,
+                                    dtype_bytes=compute_dtype.itemsize, free_gib=free_memory_gib(device))
+    log.info("%s", why)
+    return on
+
+
 def _finish_setup(config, callbacks, cache, encoders, transformer, variant, targets, dtype, device,
                   base_fingerprint, prompts, embeds, resume) -> Session:
     from diffusers.optimization import get_scheduler
 
     data, t = config.data, config.train
-    if t.gradient_checkpointing:
+    swapped = config.model.blocks_to_swap
+    if swapped and t.compile:   # compiled blocks would trace the swap hooks and recompile at every weight swap
+        raise ConfigError([("model.blocks_to_swap", f"{swapped!r} cannot be combined with train.compile=true: "
+                                                    "use one of them")])
+    autocast_dtype, scaler = mixed_precision(device, dtype, t.mixed_precision)
+    checkpointing = _checkpointing(config, transformer, device, autocast_dtype or dtype)
+    if checkpointing or swapped:
+        if not checkpointing:   # backward must re-run each swapped block to bring its weights back
+            log.info("model.blocks_to_swap=%d turns train.gradient_checkpointing on", swapped)
         transformer.enable_gradient_checkpointing()
+    swap_blocks(transformer, swapped, device)   # checks the count against the model's blocks; 0: nothing
     if t.compile:
         for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
             block.compile()
@@ -163,7 +186,6 @@ def _finish_setup(config, callbacks, cache, encoders, transformer, variant, targ
     optimizer = make_optimizer(params, t)
     scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps,
                               num_training_steps=t.steps)
-    autocast_dtype, scaler = mixed_precision(device, dtype, t.mixed_precision)
     run_dir = resume[0] if resume else new_run_dir(config)
     streams = {r: BatchStream(cache, r, t.batch_size, t.seed) for r in data.resolution}
     session = Session(config, run_dir, cache, encoders, transformer, variant, targets, optimizer, scheduler, scaler,
@@ -192,6 +214,9 @@ def micro_batch(s: Session, indices: list[int], resolution: int,
     draws = torch.rand(2, len(indices), generator=s.generator)
     flips = draws[0] < 0.5 if s.config.data.flip else torch.zeros(len(indices), dtype=torch.bool)
     dropped = draws[1] < s.config.train.caption_dropout
+    if batches is not None:
+        latents, texts = batches.get(resolution, indices).choose(flips, dropped)   # pinned on CUDA
+        return latents.to(s.device, non_blocking=True), texts.to(s.device, non_blocking=True)
     latents = torch.stack([s.cache.latent(i, resolution, flipped=bool(f)) for i, f in zip(indices, flips)])
     texts = [s.cache.text(None if d else i) for i, d in zip(indices, dropped)]   # equal lengths: checked in setup
     return latents.to(s.device, s.dtype), torch.stack(texts).to(s.device, s.dtype)
@@ -215,9 +240,6 @@ def micro_step(s: Session, indices: list[int], resolution: int, scale: float,
         loss = training_loss(s.transformer, x0, text, noise=noise, sigmas=sigmas.to(s.device), img_ids=img_ids,
                              txt_ids=txt_ids, guidance=guidance, weighting=t.loss_weighting)
     scaled = loss * scale
-    if batches is not None:
-        latents, texts = batches.get(resolution, indices).choose(flips, dropped)   # pinned on CUDA
-        return latents.to(s.device, non_blocking=True), texts.to(s.device, non_blocking=True)
     (s.scaler.scale(scaled) if s.scaler else scaled).backward()
     return loss.detach()
 
@@ -275,7 +297,9 @@ def train_loop(s: Session, callbacks: Callbacks) -> bool:
     profiler = step_profiler(s.config.train.profile_steps, s.device, s.run_dir)
     if profiler:
         profiler.start()
+    batches = None
     try:
+        batches = prefetcher_for(s)       # None with train.prefetch_batches=0: the step reads the cache itself
         while s.step < t.steps:
             if callbacks.should_stop():
                 return True
@@ -297,9 +321,7 @@ def train_loop(s: Session, callbacks: Callbacks) -> bool:
                 logged = tuple(zip([step for step, *_ in batch], _log(s, batch, norm if log_now else None)))
                 last_loss = logged[-1][1]
             done = s.step - first_step
-    batches = None
             rate = done / max(time.perf_counter() - started, 1e-9)
-        batches = prefetcher_for(s)       # None with train.prefetch_batches=0: the step reads the cache itself
             callbacks.on_step(StepReport(s.step, t.steps, last_loss, lr, rate, (t.steps - s.step) / rate,
                                          s.metrics.smoothed_loss(), peak_memory_mb(s.device), logged))
             if s.config.sample.every and s.step % s.config.sample.every == 0 and s.step < t.steps:
@@ -308,6 +330,8 @@ def train_loop(s: Session, callbacks: Callbacks) -> bool:
                 save_checkpoint(s)
         return False
     finally:
+        if batches is not None:
+            batches.close()
         if pending:
             _log(s, pending, None)
         if profiler:
@@ -330,8 +354,6 @@ def _log(s: Session, pending, norm) -> list[float]:
     if bad is not None:
         raise TrainingDiverged(f"the loss became {losses[-1]} at step {bad} (lr {pending[-1][2]:.3g}): the LoRA "
                                "weights are no longer usable. Resume from an earlier checkpoint with a lower "
-        if batches is not None:
-            batches.close()
                                "train.lr, or use train.mixed_precision=bf16 instead of fp16")
     return losses
 
@@ -360,6 +382,7 @@ def cleanup(s: Session, *, release_model: bool) -> None:
     s.metrics.close()
     s.cache.close()
     if release_model:
+        unswap_blocks(s.transformer, restore=False)
         release(s.transformer)
     else:
         hand_back(s.transformer)
@@ -367,7 +390,9 @@ def cleanup(s: Session, *, release_model: bool) -> None:
 
 
 def hand_back(transformer) -> None:
-    """A transformer the caller gave us goes back as it came: no adapter, no checkpointing, eval mode."""
+    """A transformer the caller gave us goes back as it came: no adapter, no checkpointing, no swapped blocks,
+    eval mode."""
+    unswap_blocks(transformer, restore=True)
     if getattr(transformer, "peft_config", None):
         transformer.unload_lora()   # removes peft's wrapper layers too: the original modules and state-dict keys
     transformer.disable_gradient_checkpointing()

@@ -149,7 +149,7 @@ PREPARE = """([steps, size, dataset]) => {
     for (const n of byType("Flux2LoraCacheLatents")) set(n, "resolution", String(size));
     for (const n of byType("Flux2LoraValidateDataset")) set(n, "resolution", 256);
     for (const n of byType("Flux2LoraConfigureLora")) {
-        for (const [k, v] of Object.entries({steps, checkpoint_every: 0, sample_steps: 0, gradient_checkpointing: false})) set(n, k, v);
+        for (const [k, v] of Object.entries({steps, checkpoint_every: 0, sample_steps: 0, gradient_checkpointing: "false"})) set(n, k, v);
     }
     for (const n of [...byType("EmptyFlux2LatentImage"), ...byType("Flux2Scheduler")]) { set(n, "width", size); set(n, "height", size); }
     for (const n of byType("Flux2Scheduler")) set(n, "steps", 2);

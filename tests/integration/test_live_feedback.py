@@ -119,6 +119,8 @@ def test_training_sends_live_events_with_phases_losses_samples_and_a_summary(com
     assert str(comfyui.base) not in json.dumps(train)                     # the browser never gets a server path
     assert entry["outputs"][TRAIN]["text"] == [final["summary"]]
     assert entry["outputs"][SAVE]["text"] == ["saved as live.safetensors: Load LoRA lists it under that name"]
+    (note,) = entry["outputs"]["2"]["text"]   # Load Training Model's prediction for the picked files, before loading
+    assert "512 px: off" in note and "1024 px: off" in note and "quantization=none" in note, note
 
     cache = [e for _, e in listener.events(prompt_id, CACHE)]
     assert first_appearances([(e["phase"], e["detail"]) for e in cache])[:3] == [

@@ -93,7 +93,7 @@ def training_graph(**changes) -> dict:
               "inputs": {"rank": 4, "alpha": 4.0, "targets": "attention", "optimizer": "adamw", "lr": 1e-3,
                          "lr_scheduler": "constant", "warmup_steps": 0, "steps": 2, "batch_size": 1,
                          "gradient_accumulation": 1, "timestep_sampling": "logit_normal", "caption_dropout": 0.0,
-                         "gradient_checkpointing": False, "seed": 1, "sample_every": 0, "sample_prompts": "",
+                         "gradient_checkpointing": "false", "seed": 1, "sample_every": 0, "sample_prompts": "",
                          "checkpoint_every": 0}},
         "5": {"class_type": "Flux2LoraTrain",
               "inputs": {"cache": ["3", 0], "lora_config": ["4", 0], "name": "sec_run", "resume": ""}},

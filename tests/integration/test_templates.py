@@ -26,7 +26,7 @@ SIZE = 64  # pixels: 4 x 4 latent tokens
 DATASET = "template_dataset"  # in input/, in place of the templates' my_dataset (which other tests create)
 # Node inputs set to what runs in seconds on a CPU; inputs a node does not have are left alone.
 SHRINK = {"Flux2LoraConfigureLora": {"steps": 2, "checkpoint_every": 0, "sample_every": 0, "sample_steps": 0,
-                                     "gradient_checkpointing": False},
+                                     "gradient_checkpointing": "false"},
           "Flux2LoraLoadTrainingModel": {"dtype": "fp32"},
           "Flux2LoraLoadDataset": {"folder": DATASET},
           "Flux2LoraCacheLatents": {"resolution": str(SIZE)},

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from flux2_lora_core.models.variants import SHIPPED, shipped_config
 from flux2_lora_core.training.memory_plan import (GiB, format_plan, lora_parameter_count, parameter_count,
@@ -63,7 +64,7 @@ def test_fastest_fitting_setting_follows_the_speed_order():
     dev = plan_for_variant("flux2-dev", 1024, vram_gib=24)
     assert [(r.quantization, r.checkpointing) for r in dev.rows[:5]] == [
         ("none", False), ("fp8", False), ("int8", False), ("nf4", False), ("none", True)]
-    assert (dev.best.quantization, dev.best.checkpointing) == ("nf4", True)   # 17 GB of nf4 weights + checkpointing
+    assert (dev.best.quantization, dev.best.checkpointing) == ("nf4", True)   # 17 GiB of nf4 weights + checkpointing
     assert plan_for_variant("flux2-dev", 1024, vram_gib=141).best.checkpointing is False
     klein = plan_for_variant("flux2-klein-4b", 1024, vram_gib=24)
     assert (klein.best.quantization, klein.best.checkpointing) == ("fp8", False)
@@ -72,8 +73,33 @@ def test_fastest_fitting_setting_follows_the_speed_order():
         == pytest.approx(2 * plan_for_variant("flux2-klein-4b", 512).estimate("none", False).activations)
     text = format_plan(dev)
     assert "fastest that fits: quantization=nf4 gradient_checkpointing=on" in text
-    assert "Mistral Small 3.x 24B" in text and "block swap: not available yet" in text
+    assert "Mistral Small 3.x 24B" in text and "cache.text_encoder_offload=layers (bf16)" in text
     assert "nothing fits in 8 GiB" in format_plan(plan_for_variant("flux2-dev", 1024, vram_gib=8))
+
+
+def test_block_swap_rows_take_the_fewest_blocks_that_fit_and_come_last():
+    from flux2_lora_core.training.memory_plan import QUANTIZATIONS, block_parameters, swap_saving
+
+    config = shipped_config("flux2-dev", "transformer")
+    assert parameter_count(config) > sum(block_parameters(config)) > 0.95 * parameter_count(config)
+    assert swap_saving(config, 2, 2.0) == 0   # the window: the two blocks in use stay on the device
+    dev = plan_for_variant("flux2-dev", 1024, vram_gib=24)
+    swaps = [r for r in dev.rows if r.swapped]
+    assert list(dev.rows[-len(swaps):]) == swaps and [r.quantization for r in swaps] == ["nf4", "fp8", "int8", "none"]
+    for row in swaps:   # fits with N blocks swapped, not with N - 1
+        assert row.fits(24) and row.checkpointing
+        unswapped = dev.estimate(row.quantization, True)
+        bytes_per = QUANTIZATIONS[row.quantization]
+        assert unswapped.total - swap_saving(config, row.swapped - 1, bytes_per) + 1 > 24
+    assert dev.estimate("none", True, 50).weights == pytest.approx(16.1, abs=0.05)   # 60 GiB less 48 single blocks
+    # [dev] NF4 at 1024 px: 16.9 GiB of weights + 7.1 of LoRA, AdamW and activations misses 24 GB by a little; 6
+    # swapped blocks (the fewest bytes copied of every setting that fits) make it fit.
+    assert (dev.best.quantization, dev.best.swapped) == ("nf4", 6)
+    assert "fastest that fits: quantization=nf4 gradient_checkpointing=on model.blocks_to_swap=6" in format_plan(dev)
+    assert plan_for_variant("flux2-dev", 1024, vram_gib=32).best.swapped == 0   # nothing swapped where it fits
+    encoder = dict(dev.text_encoder_settings)
+    assert encoder["model.text_encoder_quantization=nf4"] < 14 < encoder["model.text_encoder_quantization=fp8/int8"] \
+        < 24 < dev.text_encoder_gib and encoder["cache.text_encoder_offload=layers (bf16)"] < 5
 
 
 def measure_cpu_step(checkpointing: bool) -> int:
@@ -134,11 +160,11 @@ def test_plan_command_prints_the_table_and_the_fastest_fitting_setting(capsys):
 
     assert main(["plan", "--variant", "dev", "--resolution", "1024", "--vram", "24"]) == 0
     out = capsys.readouterr().out
-    assert out.count("\n") >= 12 and "none         off                60.0" in out
+    assert out.count("\n") >= 12 and "none         off                     60.0" in out
     assert "fastest that fits: quantization=nf4 gradient_checkpointing=on" in out
     assert main(["plan", "--variant", "klein-4b", "--vram", "24", "--quantization", "nf4", "--batch-size", "2"]) == 0
     out = capsys.readouterr().out
-    assert "batch 2" in out and "fp8" not in out.split("fastest")[0]
+    assert "batch 2" in out and "fp8" not in out.split("text encoder")[0]
     assert main(["plan", "--variant", "dev", "--vram", "8"]) == 1   # nothing fits
     with pytest.raises(SystemExit) as usage:
         main(["plan", "--variant", "schnell"])
@@ -148,5 +174,23 @@ def test_plan_command_prints_the_table_and_the_fastest_fitting_setting(capsys):
 def test_configure_lora_notes_the_peaks():
     from flux2_lora_core.training.memory_plan import settings_summary
 
-    note = settings_summary(rank=16, batch_size=1, optimizer="adamw", checkpointing=True)
+    note = settings_summary(rank=16, batch_size=1, optimizer="adamw", checkpointing="true")
     assert "flux2-klein-4b: 12.8 / 8.2 at 512 px, 23.3 / 9.4 at 1024 px" in note and "has it on" in note
+    assert "has it auto (on where" in settings_summary(rank=16, batch_size=1, optimizer="adamw", checkpointing="auto")
+
+
+def test_auto_checkpointing_turns_on_exactly_where_the_step_would_not_fit():
+    from flux2_lora_core.training.memory_plan import free_memory_gib, resolve_checkpointing
+
+    config = shipped_config("flux2-klein-4b", "transformer")
+    step = {"resolution": 1024, "batch_size": 1, "rank": 16, "optimizer": "adamw", "targets": "attention_mlp",
+            "dtype_bytes": 2}
+    plan = plan_for_variant("flux2-klein-4b", 1024, quantizations=("none",))
+    added = plan.estimate("none", False).total - plan.estimate("none", False).weights   # what a step adds: ~15.6 GiB
+    assert resolve_checkpointing("auto", config, free_gib=added + 1.5, **step)[0] is False
+    on, why = resolve_checkpointing("auto", config, free_gib=added + 0.5, **step)
+    assert on and "auto: on" in why and f"~{added:.1f} GiB" in why
+    assert resolve_checkpointing("auto", config, free_gib=None, **step)[0] is True      # unknown: the safe side
+    assert resolve_checkpointing("false", config, free_gib=1.0, **step)[0] is False     # as asked, even if short
+    assert resolve_checkpointing("true", config, free_gib=1e6, **step)[0] is True
+    assert free_memory_gib(torch.device("cpu")) > 0                                       # this host's MemAvailable
