@@ -65,7 +65,7 @@ class LoadTrainingModel(io.ComfyNode):
     @classmethod
     def execute(cls, path, vae, text_encoder, variant, dtype, text_conditioning, tokenizer="",
                 quantization="none", blocks_to_swap=0, text_encoder_quantization="none") -> io.NodeOutput:
-        from ..flux2_lora_core.training.model_fit import gpu_memory_gib, model_note
+        from ..flux2_lora_core.training import gpu_memory_gib, model_note
 
         files = dict(path=path, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
         model = ModelConfig(**{key: model_path(key, "" if text == FROM_DIFFUSERS else text)

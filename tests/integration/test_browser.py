@@ -81,7 +81,7 @@ def page(browser, comfyui):
 
 def test_the_frontend_loads_the_pack_with_no_errors(page):
     registered = page.js("() => app.extensions.map((e) => e.name)")
-    assert "flux2_lora.ValidationReport" in registered
+    assert "flux2_lora.NodeReports" in registered
     node_types = page.js("() => Object.keys(LiteGraph.registered_node_types)")
     assert {"Flux2LoraTrain", "Flux2LoraValidateDataset", "Flux2LoraLoadTrainingModel"} <= set(node_types)
     page.screenshot("frontend-loaded")
@@ -182,6 +182,11 @@ def test_train_and_generate_template_runs_in_the_browser_with_live_feedback(page
                        "Train's summary on the node")  # as long as the server keeps working (conftest's clock)
     panel = page.js(TRAIN_PANEL)
     assert "step 4/4" in panel["status"] and "loss " in panel["status"], panel
+    notes = page.js("""() => Object.fromEntries(app.graph._nodes
+        .filter((n) => ["Flux2LoraConfigureLora", "Flux2LoraLoadTrainingModel"].includes(n.type))
+        .map((n) => [n.type, n.widgets?.find((w) => w.name === "flux2_lora_report")?.value ?? null]))""")
+    assert "gradient_checkpointing off / on" in notes["Flux2LoraConfigureLora"], notes     # the memory notes, on
+    assert "512 px: off" in notes["Flux2LoraLoadTrainingModel"], notes                    # the nodes themselves
     assert panel["chart_shown"] and panel["chart_pixels"] > 50, panel  # drawn only from two points on
     def finished():
         queue = comfyui.get_json("/queue")

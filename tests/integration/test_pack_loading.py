@@ -59,23 +59,23 @@ def test_example_workflow_is_a_template(comfyui):
 
 
 def test_web_extension_is_served(comfyui):
-    listed = [url for url in comfyui.get_json("/extensions") if url.endswith("/validation_report.js")]
-    assert listed, "web/validation_report.js is not in GET /extensions"
+    listed = [url for url in comfyui.get_json("/extensions") if url.endswith("/node_reports.js")]
+    assert listed, "web/node_reports.js is not in GET /extensions"
     for url in listed:
         status, body = comfyui.request(url)
         assert status == 200, url
-        assert b"flux2_lora.ValidationReport" in body
+        assert b"flux2_lora.NodeReports" in body
 
 
 def test_web_extension_survives_being_listed_twice(comfyui):
     # pyproject's [tool.comfy] web registers web/ under the project name and WEB_DIRECTORY under the
     # folder name; a git clone named unlike the project gets both URLs and the frontend imports both.
     # Registering the same extension name twice is rejected, so the file must register only once.
-    listed = [url for url in comfyui.get_json("/extensions") if url.endswith("/validation_report.js")]
+    listed = [url for url in comfyui.get_json("/extensions") if url.endswith("/node_reports.js")]
     assert len(listed) == 2, json.dumps(listed)  # the fixture clones as ComfyUI-Flux2-LoRA
     bodies = {comfyui.request(url)[1] for url in listed}
     assert len(bodies) == 1, "the two URLs serve different files"
-    assert b"app.extensions" in bodies.pop(), "validation_report.js no longer guards against a second import"
+    assert b"app.extensions" in bodies.pop(), "node_reports.js no longer guards against a second import"
 
 
 @pytest.mark.parametrize("name", ["flux2_klein_train_a_lora_and_generate_with_it", "flux2_dev_train_a_lora_low_memory",

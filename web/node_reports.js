@@ -1,13 +1,19 @@
-// Shows the Validate Dataset report on the node itself, so problems are readable where they are
-// fixed instead of only in the server log. The box always shows the latest run's outcome: it is
-// cleared when the node starts again, and a failed run shows its error (which carries the report)
-// instead of the last good one. It keeps the node's width: long lines scroll inside the box rather
-// than widening the node over its neighbours.
+// Shows a node's text output on the node itself, where it is acted on instead of only in the server log:
+// Validate Dataset's report (problems are fixed where they are read), Configure LoRA's and Load Training
+// Model's memory notes (the settings that decide whether a step fits sit right above them). The box always
+// shows the latest run's outcome: it is cleared when the node starts again, and a failed run shows its error
+// (a failed validation's error carries the report) instead of the last good one. It keeps the node's width:
+// long lines scroll inside the box rather than widening the node over its neighbours.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
-const EXTENSION = "flux2_lora.ValidationReport";
-const NODE = "Flux2LoraValidateDataset";
+const EXTENSION = "flux2_lora.NodeReports";
+// node type -> what the box says while it runs
+const NODES = {
+    Flux2LoraValidateDataset: "validating...",
+    Flux2LoraConfigureLora: "predicting memory...",
+    Flux2LoraLoadTrainingModel: "reading the model's header...",
+};
 const WIDGET = "flux2_lora_report";
 const MIN_HEIGHT = 140; // px: a few lines of the report; the box scrolls for the rest
 
@@ -41,11 +47,15 @@ function show(node, text) {
     app.graph.setDirtyCanvas(true, true);
 }
 
-// The Validate Dataset node an execution event is about, if any (ids arrive as strings).
-function validateNode(id) {
+// The pack's reporting node an execution event is about, if any (ids arrive as strings).
+function reportingNode(id) {
     if (id === undefined || id === null) return null;
     const node = app.graph?.getNodeById?.(id) ?? app.graph?.getNodeById?.(Number(id));
-    return node?.comfyClass === NODE || node?.type === NODE ? node : null;
+    return NODES[node?.comfyClass] !== undefined || NODES[node?.type] !== undefined ? node : null;
+}
+
+function nodeType(node) {
+    return NODES[node.comfyClass] !== undefined ? node.comfyClass : node.type;
 }
 
 // The frontend imports this file once per URL the server lists for it, and rejects a second
@@ -55,16 +65,16 @@ if (!(app.extensions ?? []).some?.((e) => e?.name === EXTENSION)) {
         name: EXTENSION,
         async setup() {
             api.addEventListener("executing", ({ detail }) => {
-                const node = validateNode(detail?.node ?? detail);
-                if (node && node.widgets?.some((w) => w.name === WIDGET)) show(node, "validating...");
+                const node = reportingNode(detail?.node ?? detail);
+                if (node && node.widgets?.some((w) => w.name === WIDGET)) show(node, NODES[nodeType(node)]);
             });
             api.addEventListener("execution_error", ({ detail }) => {
-                const node = validateNode(detail?.node_id);
-                if (node) show(node, String(detail?.exception_message ?? "Validate Dataset failed"));
+                const node = reportingNode(detail?.node_id);
+                if (node) show(node, String(detail?.exception_message ?? `${nodeType(node)} failed`));
             });
         },
         async beforeRegisterNodeDef(nodeType, nodeData) {
-            if (nodeData?.name !== NODE) return;
+            if (NODES[nodeData?.name] === undefined) return;
 
             const onExecuted = nodeType.prototype.onExecuted;
             nodeType.prototype.onExecuted = function (message) {
