@@ -125,7 +125,9 @@ def setup(config: Config, callbacks: Callbacks, encoders=None, transformer=None,
                                                 device=device, quantization=config.model.quantization)
         m = config.model
         sources = resolve_sources(m.path, vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer)
-        base_fingerprint = source_fingerprint(sources.transformer)
+        quantized = config.model.quantization != "none"   # the same files quantized are another base to resume on
+        base_fingerprint = source_fingerprint(sources.transformer,
+                                              extra={"quantization": config.model.quantization} if quantized else None)
     else:
         from ..models import detect_variant
 

@@ -85,6 +85,9 @@ def test_resume_reports_changes_refuses_fixed_ones_and_checks_the_data(workspace
     with pytest.raises(CheckpointError, match="changed since this checkpoint"):
         resume(run, steps=1, overrides=["data.trigger_word=xyz"])   # other captions: other training data
     assert (run / "metrics.jsonl").read_text() == logged              # a refused resume changes no file
+    caplog.clear()
+    assert resume(run, steps=1, overrides=["model.quantization=int8"]).steps == 6   # allowed, but it is another base:
+    assert "the continuation is not exact" in caplog.text                         # said, not silently "exact"
 
 
 @pytest.mark.parametrize("sent, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
