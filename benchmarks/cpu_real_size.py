@@ -9,6 +9,7 @@ quantization, so the peak RSS reported after quantizing includes that build (pri
     python benchmarks/cpu_real_size.py                         # klein 4B, 128 px, 1 warm-up + 2 timed steps
     python benchmarks/cpu_real_size.py --resolution 256 --steps 1
     python benchmarks/cpu_real_size.py --quantization nf4       # the same step over an NF4 base
+    python benchmarks/cpu_real_size.py --quantization q8_0      # over GGUF Q8_0 blocks, as a GGUF file loads
 """
 
 from __future__ import annotations
@@ -50,6 +51,27 @@ def reset_peak() -> None:
         pass
 
 
+def to_gguf_q8_0(model: torch.nn.Module) -> None:
+    """The blocks' linears as a GGUF Q8_0 file would load them (gguf.py): 32-value blocks of an fp16 scale and 32
+    int8 codes, in a QuantizedLinear that decodes them (ggml_quants.q8_0). Writing a 16 GB GGUF file to load it
+    back would measure the disk, not the step."""
+    from flux2_lora_core.models.quantized_linear import QuantizedLinear, _blocks_linear
+
+    for name, module in list(model.named_modules()):
+        if type(module) is not torch.nn.Linear or not _blocks_linear(name):
+            continue
+        blocks = module.weight.detach().reshape(-1, 32)                                  # (out * in / 32, 32)
+        scale = (blocks.abs().amax(dim=1, keepdim=True) / 127).to(torch.float16)       # (n, 1)
+        codes = (blocks / scale.float().clamp(min=1e-12)).round().clamp(-127, 127).to(torch.int8)
+        raw = torch.cat([scale.view(torch.uint8), codes.view(torch.uint8)], dim=1)     # (n, 34): d, then codes
+        quantized = QuantizedLinear(module.in_features, module.out_features, scheme="Q8_0",
+                                    weight=raw.reshape(module.out_features, -1), weight_scale=torch.empty(0),
+                                    bias=None, compute_dtype=torch.float32)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, quantized)
+        del module, blocks, codes, raw
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--variant", choices=list(MODELS), default="klein-4b")
@@ -58,7 +80,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
-    parser.add_argument("--quantization", choices=["none", "fp8", "int8", "nf4"], default="none",
+    parser.add_argument("--quantization", choices=["none", "fp8", "int8", "nf4", "q8_0"], default="none",
                         help="quantize the blocks' linears as model.quantization does (their peak RSS is the point)")
     args = parser.parse_args()
 
@@ -66,7 +88,10 @@ def main() -> None:
     config = shipped_config(MODELS[args.variant], "transformer")
     transformer = build_transformer(config, torch.device("cpu"), torch.float32)
     count = sum(p.numel() for p in transformer.parameters())
-    if args.quantization != "none":
+    if args.quantization == "q8_0":
+        to_gguf_q8_0(transformer)
+        print(f"made GGUF Q8_0; peak RSS so far {peak_rss_gib():.1f} GiB", flush=True)
+    elif args.quantization != "none":
         from flux2_lora_core.models.quantized_linear import quantize_transformer
 
         quantize_transformer(transformer, args.quantization, dtype=torch.float32)
