@@ -39,8 +39,10 @@ from diffusers_loop import LATENT_CHANNELS, TEXT_TOKENS, ScriptLoop  # noqa: E40
 
 from flux2_lora_core.config import load_config  # noqa: E402
 from flux2_lora_core.models import shipped_config  # noqa: E402
+from flux2_lora_core.models.quantized_linear import quantize_transformer  # noqa: E402
 from flux2_lora_core.models.tiny_models import tiny_transformer_config  # noqa: E402
 from flux2_lora_core.training import trainer  # noqa: E402
+from flux2_lora_core.training.block_swap import swap_blocks  # noqa: E402
 from flux2_lora_core.training.flow_matching import PositionIds  # noqa: E402
 from flux2_lora_core.training.lora import add_lora, trainable_parameters  # noqa: E402
 from flux2_lora_core.training.metrics import MetricsLog  # noqa: E402
@@ -117,7 +119,8 @@ class HostCache:
         pass
 
 
-def engine_session(transformer, variant, resolution, batch, rank, checkpointing, compile_blocks, out: Path):
+def engine_session(transformer, variant, resolution, batch, rank, checkpointing, compile_blocks, out: Path,
+                   swapped: int = 0):
     overrides = [f"model.path={out}", f"data.path={out}", f"output.dir={out}", f"lora.rank={rank}",
                  f"lora.alpha={rank}", f"train.batch_size={batch}", "train.optimizer=adamw", "train.steps=1000000",
                  f"train.gradient_checkpointing={str(checkpointing).lower()}", f"train.compile={str(compile_blocks).lower()}",
@@ -125,8 +128,9 @@ def engine_session(transformer, variant, resolution, batch, rank, checkpointing,
     config = load_config(None, overrides)
     t = config.train
     targets = add_lora(transformer, rank=rank, alpha=rank, dropout=0.0, targets=config.lora.targets, seed=t.seed)
-    if checkpointing:
+    if checkpointing or swapped:
         transformer.enable_gradient_checkpointing()
+    swap_blocks(transformer, swapped, transformer.device)   # model.blocks_to_swap, as the trainer applies it
     if compile_blocks:
         for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
             block.compile()
@@ -196,14 +200,17 @@ def release_adapter(transformer) -> None:
 
 
 def run_setting(name, transformer, variant, config, scheduler_config, loop, resolution, batch, rank, checkpointing,
-                compile_blocks, warmup, steps, out: Path, profile_it: bool = False) -> dict:
+                compile_blocks, warmup, steps, out: Path, profile_it: bool = False, quantization: str = "none",
+                swapped: int = 0) -> dict:
     device = transformer.device
     row = {"model": name, "loop": loop, "resolution": resolution, "batch": batch, "rank": rank,
-           "checkpointing": checkpointing, "compile": compile_blocks}
+           "checkpointing": checkpointing or bool(swapped), "compile": compile_blocks, "quantization": quantization,
+           "blocks_to_swap": swapped}
     started = time.perf_counter()
     try:
         if loop == "engine":
-            s = engine_session(transformer, variant, resolution, batch, rank, checkpointing, compile_blocks, out)
+            s = engine_session(transformer, variant, resolution, batch, rank, checkpointing, compile_blocks, out,
+                               swapped)
             times, peak = timed(lambda: engine_step(s, resolution, batch), device, warmup, steps)
             if profile_it:
                 print(f"# profile: {row}\n" + profile(lambda: engine_step(s, resolution, batch), device), flush=True)
@@ -234,15 +241,18 @@ def table(rows: list[dict]) -> str:
     base = {(r["model"], r["resolution"], r["checkpointing"]): r.get("s_per_step") for r in rows
             if r["loop"] == "diffusers"}
     for r in rows:
+        setting = " ".join([*([r["quantization"]] if r.get("quantization", "none") != "none" else []),
+                            *([f"swap {r['blocks_to_swap']}"] if r.get("blocks_to_swap") else [])])
+        r = {**r, "shown": f"{r['model']} {setting}".strip()}
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['loop']} | {r['resolution']} | {r['checkpointing']} | {r['compile']} "
+            lines.append(f"| {r['shown']} | {r['loop']} | {r['resolution']} | {r['checkpointing']} | {r['compile']} "
                          f"| {r['error']} | | | | | |")
             continue
         b = base.get((r["model"], r["resolution"], r["checkpointing"]))
         ratio = f"{b / r['s_per_step']:.2f}x" if b and r["loop"] == "engine" else ""
         mfu = f"{r['mfu']:.1%}" if r.get("mfu") else "n/a"
         peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") else "n/a"
-        lines.append(f"| {r['model']} | {r['loop']} | {r['resolution']} | {r['checkpointing']} | {r['compile']} | "
+        lines.append(f"| {r['shown']} | {r['loop']} | {r['resolution']} | {r['checkpointing']} | {r['compile']} | "
                      f"{r['s_per_step']:.4f} | {r['images_per_s']:.2f} | {peak} | {r['tflops']:.0f} | {mfu} | {ratio} |")
     return "\n".join(lines)
 
@@ -279,6 +289,10 @@ def main() -> None:
                         "at the highest resolution, without checkpointing or compile")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--tiny", action="store_true", help="tiny configs on the CPU (a smoke test)")
+    parser.add_argument("--quantization", choices=["none", "fp8", "int8", "nf4"], default="none",
+                        help="the frozen base's model.quantization (its peak memory is the point)")
+    parser.add_argument("--blocks-to-swap", type=int, default=0, help="model.blocks_to_swap (engine only; turns "
+                        "checkpointing on)")
     args = parser.parse_args()
 
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
@@ -310,15 +324,20 @@ def main() -> None:
             except torch.OutOfMemoryError:
                 print(f"# {name}: does not fit this device", flush=True)
                 continue
+            if args.quantization != "none":
+                quantize_transformer(transformer, args.quantization, dtype=dtype)
             variant = detect_variant(dict(transformer.config))
             for resolution, ckpt, compiled, loop in settings(args):
+                if loop == "diffusers" and args.blocks_to_swap:
+                    continue   # diffusers' loop has no block swap
                 if time.perf_counter() - started > args.budget_s:
                     print(f"# {name} {resolution} px {loop}: skipped, over the budget", flush=True)
                     continue
                 row = run_setting(name, transformer, variant, config, scheduler_config, loop, resolution, args.batch_size,
                                   args.rank, ckpt, compiled, args.warmup, args.steps, Path(tmp),
                                   profile_it=args.profile and loop == "engine" and not ckpt and not compiled
-                                  and resolution == max(args.resolutions))
+                                  and resolution == max(args.resolutions), quantization=args.quantization,
+                                  swapped=args.blocks_to_swap)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
             del transformer

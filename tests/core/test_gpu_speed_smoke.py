@@ -24,3 +24,16 @@ def test_gpu_speed_runs_tiny_on_the_cpu(tmp_path):
     assert [(r["model"], r["loop"]) for r in rows] == [("klein-4b", "engine"), ("klein-4b", "diffusers")]
     assert all(r["s_per_step"] > 0 and r["tflops"] > 0 and "error" not in r for r in rows)
     assert "| klein-4b | engine | 64 |" in run.stdout
+
+
+def test_gpu_speed_runs_a_quantized_swapped_base_tiny_on_the_cpu(tmp_path):
+    """The settings issue 14's GPU checks need (an nf4 base with blocks swapped) run through the same script."""
+    out = tmp_path / "rows.json"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_speed.py"), "--tiny", "--variants",
+                          "klein-4b", "--resolutions", "64", "--checkpointing", "on", "--warmup", "1", "--steps", "1",
+                          "--quantization", "nf4", "--blocks-to-swap", "2", "--json", str(out)],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    (row,) = json.loads(out.read_text())   # the engine only: diffusers' loop has no block swap
+    assert (row["loop"], row["quantization"], row["blocks_to_swap"], row["checkpointing"]) == ("engine", "nf4", 2, True)
+    assert row["s_per_step"] > 0 and "error" not in row and "| klein-4b nf4 swap 2 | engine | 64 |" in run.stdout
