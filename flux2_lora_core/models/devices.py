@@ -154,3 +154,11 @@ def peak_memory_mb(device: torch.device) -> float | None:
         return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10   # bytes on macOS, KiB on Linux
+
+
+def frozen(model: torch.nn.Module) -> torch.nn.Module:
+    """A loaded model as the trainer uses the parts it does not train: aligned, in eval mode, without gradients."""
+    align_cpu_tensors(model)
+    model.eval()
+    model.requires_grad_(False)
+    return model

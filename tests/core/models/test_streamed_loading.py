@@ -19,12 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from flux2_lora_core.models.files import TRANSFORMER_PREFIXES, VAE_PREFIXES, load_tensors, read_header
-from flux2_lora_core.models.loading import (
-    _language_model_state,
-    _text_encoder_weights,
-    _transformer_from_file,
-    load_vae,
-)
+from flux2_lora_core.models.loading import _transformer_from_file, load_vae
+from flux2_lora_core.models.text_encoder_loading import _language_model_state, _text_encoder_weights
 from flux2_lora_core.models.quantization import dequantize, to_fp8r
 from flux2_lora_core.models.single_file import vae_to_diffusers
 from flux2_lora_core.models.streaming import group_of
@@ -257,3 +253,18 @@ def test_a_streamed_quantized_load_equals_quantizing_after_the_load(comfy):
     assert sum(isinstance(m, QuantizedLinear) for m in streamed.modules()) > 0
     assert [type(m).__name__ for m in streamed.modules()] == [type(m).__name__ for m in after.modules()]
     assert_bit_identical(full_state(streamed), full_state(after))
+
+
+@pytest.mark.parametrize("scheme", ["fp8", "int8", "nf4"])
+def test_a_quantized_diffusers_folder_streams_its_shards_bit_identically(tmp_path, scheme):
+    """from_pretrained would put the whole bf16 base on the device before quantizing it; the folder's shards are
+    read layer by layer instead, each group quantized as it lands, to the same tensors."""
+    from diffusers import Flux2Transformer2DModel
+
+    from flux2_lora_core.models.loading import load_transformer
+    from flux2_lora_core.models.quantized_linear import quantize_transformer
+
+    write_tiny_model(tmp_path, "klein")
+    streamed, _ = load_transformer(tmp_path, dtype=torch.float32, device=CPU, quantization=scheme)
+    whole = Flux2Transformer2DModel.from_pretrained(tmp_path / "transformer", torch_dtype=torch.float32)
+    assert_bit_identical(full_state(streamed), full_state(quantize_transformer(whole, scheme, dtype=torch.float32)))
