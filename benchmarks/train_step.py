@@ -63,6 +63,7 @@ def main() -> None:
     parser.add_argument("--block-steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--prefetch-batches", type=int, default=2, help="train.prefetch_batches (0: off)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -74,7 +75,7 @@ def main() -> None:
                      f"cache.dir={root / 'cache'}", f"output.dir={root / 'out'}", f"lora.rank={args.rank}",
                      f"lora.alpha={args.rank}", f"train.batch_size={args.batch_size}", "data.buckets=false",
                      "train.steps=1000000", "train.log_every=10", f"train.gradient_checkpointing="
-                     f"{str(args.gradient_checkpointing).lower()}"]
+                     f"{str(args.gradient_checkpointing).lower()}", f"train.prefetch_batches={args.prefetch_batches}"]
         s = trainer.setup(load_config(None, overrides), Callbacks())
         callbacks = Callbacks()
         trainer_block(s, args.warmup, callbacks)

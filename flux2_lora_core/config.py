@@ -229,8 +229,9 @@ class TrainConfig(_Section):
                                          aliases={"on": "true", "off": "false"})
     compile: bool = option(False, "torch.compile each transformer block")
     profile_steps: int = option(0, "write a torch.profiler trace of this many steps (after 2 warm-up steps)", min=0)
-    prefetch_batches: int = option(2, "micro-batches a background thread reads ahead from the latent cache (pinned "
-                                   "on CUDA, for non-blocking copies); 0: each step reads its own", min=0)
+    prefetch_batches: int = option(2, "micro-batches a background thread reads ahead from the latent cache on a GPU "
+                                   "(pinned on CUDA, for non-blocking copies; on the CPU it would only compete with "
+                                   "the step); 0: each step reads its own", min=0)
     seed: int = option(42, "seed for LoRA init, data order, noise and timesteps: same seed, same run")
     log_every: int = option(10, "write metrics (and the gradient norm) every N steps", min=1)
 

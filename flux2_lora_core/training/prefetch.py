@@ -31,6 +31,11 @@ log = logging.getLogger(__name__)
 
 _END = object()          # the plan is exhausted: no batch follows
 JOIN_SECONDS = 30.0      # how long close() waits for a read in progress before leaving the daemon thread behind
+# Training on the CPU, the thread has nothing to hide (no host-to-device copy, the step's compute is on the same
+# cores) and its torch ops start OpenMP teams whose spinning workers take those cores from the step: measured
+# 1.82x the step time on 2 cores (benchmarks/train_step.py, 1.01x without it). So it reads ahead for
+# accelerators only; the tests turn it on for the CPU to exercise it.
+ON_CPU = False
 
 
 @dataclass
@@ -161,9 +166,9 @@ class Prefetcher:
 
 def prefetcher_for(s) -> Prefetcher | None:
     """A session's prefetcher from its current step (after a resume: from the checkpoint's place); None when
-    train.prefetch_batches is 0."""
+    train.prefetch_batches is 0, or training runs on the CPU (see ON_CPU)."""
     t = s.config.train
-    if not t.prefetch_batches:
+    if not t.prefetch_batches or (s.device.type == "cpu" and not ON_CPU):
         return None
     plan = upcoming(s.streams, s.step, t.steps, s.config.data.resolution, t.gradient_accumulation)
     return Prefetcher(s.cache, plan, dtype=s.dtype, device=s.device, flip=s.config.data.flip,

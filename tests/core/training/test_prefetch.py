@@ -14,6 +14,12 @@ from flux2_lora_core.resume import resume
 from flux2_lora_core.training import Callbacks, prefetch, trainer
 
 
+@pytest.fixture(autouse=True)
+def prefetch_on_the_cpu(monkeypatch):
+    """The thread reads ahead for accelerators only (prefetch.ON_CPU says why); these tests run it on the CPU."""
+    monkeypatch.setattr(prefetch, "ON_CPU", True)
+
+
 @pytest.fixture(scope="module")
 def workspace(training_files):
     return training_files("klein", 4)
