@@ -221,7 +221,17 @@ def micro_batch(s: Session, indices: list[int], resolution: int,
         return latents.to(s.device, non_blocking=True), texts.to(s.device, non_blocking=True)
     latents = torch.stack([s.cache.latent(i, resolution, flipped=bool(f)) for i, f in zip(indices, flips)])
     texts = [s.cache.text(None if d else i) for i, d in zip(indices, dropped)]   # equal lengths: checked in setup
-    return latents.to(s.device, s.dtype), torch.stack(texts).to(s.device, s.dtype)
+    return to_device(s, latents, s.dtype), to_device(s, torch.stack(texts), s.dtype)
+
+
+def to_device(s: Session, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A tensor drawn on the host (noise, sigmas: the seeded, device-independent stream resume depends on) onto the
+    device without making the host wait: cast on the host (the same values as on the device), then on CUDA pinned
+    and copied non_blocking, so the host keeps queuing the step's kernels."""
+    tensor = tensor.to(dtype) if dtype is not None else tensor
+    if s.device.type != "cuda":
+        return tensor.to(s.device)
+    return tensor.pin_memory().to(s.device, non_blocking=True)
 
 
 def micro_step(s: Session, indices: list[int], resolution: int, scale: float,
@@ -230,7 +240,7 @@ def micro_step(s: Session, indices: list[int], resolution: int, scale: float,
     t = s.config.train
     x0, text = micro_batch(s, indices, resolution, batches)              # (B, 128, h, w), (B, L, D)
     batch, _, h, w = x0.shape
-    noise = torch.randn(x0.shape, generator=s.generator).to(s.device, s.dtype)
+    noise = to_device(s, torch.randn(x0.shape, generator=s.generator), s.dtype)
     sigmas = sample_sigmas(batch, method=t.timestep_sampling, generator=s.generator, logit_mean=t.logit_mean,
                            logit_std=t.logit_std)                       # (B,)
     if t.timestep_shift != "none":
@@ -239,7 +249,7 @@ def micro_step(s: Session, indices: list[int], resolution: int, scale: float,
     guidance = t.guidance if s.variant.guidance_embeds else None
     autocast = (torch.autocast(s.device.type, dtype=s.autocast_dtype) if s.autocast_dtype else nullcontext())
     with autocast:
-        loss = training_loss(s.transformer, x0, text, noise=noise, sigmas=sigmas.to(s.device), img_ids=img_ids,
+        loss = training_loss(s.transformer, x0, text, noise=noise, sigmas=to_device(s, sigmas), img_ids=img_ids,
                              txt_ids=txt_ids, guidance=guidance, weighting=t.loss_weighting)
     scaled = loss * scale
     (s.scaler.scale(scaled) if s.scaler else scaled).backward()
