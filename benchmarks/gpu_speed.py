@@ -99,6 +99,10 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in sorted(PEAK_BF16.items(), key=lambda kv: -len(kv[0])) if k in name), None)
 
 
+# diffusers' attention backends that need nothing downloaded (its *_hub ones fetch kernels at run time)
+ATTENTION = ("native", "_native_cudnn", "_native_flash", "_native_efficient", "flash", "_flash_3", "flex", "sage")
+
+
 # ---------------------------------------------------------------------------------------------- the engine
 class HostCache:
     """Cached-like inputs in host memory, handed over as LatentCache.latent / .text hand over theirs."""
@@ -241,7 +245,8 @@ def table(rows: list[dict]) -> str:
     base = {(r["model"], r["resolution"], r["checkpointing"]): r.get("s_per_step") for r in rows
             if r["loop"] == "diffusers"}
     for r in rows:
-        setting = " ".join([*([r["quantization"]] if r.get("quantization", "none") != "none" else []),
+        setting = " ".join([*([r["attention"]] if r.get("attention", "default") != "default" else []),
+                            *([r["quantization"]] if r.get("quantization", "none") != "none" else []),
                             *([f"swap {r['blocks_to_swap']}"] if r.get("blocks_to_swap") else [])])
         r = {**r, "shown": f"{r['model']} {setting}".strip()}
         if "error" in r:
@@ -291,6 +296,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny configs on the CPU (a smoke test)")
     parser.add_argument("--quantization", choices=["none", "fp8", "int8", "nf4"], default="none",
                         help="the frozen base's model.quantization (its peak memory is the point)")
+    parser.add_argument("--attention", choices=ATTENTION, help="diffusers' attention backend (default: its own, "
+                        "torch SDPA); what issue 15 asks to measure before the engine picks one")
     parser.add_argument("--blocks-to-swap", type=int, default=0, help="model.blocks_to_swap (engine only; turns "
                         "checkpointing on)")
     args = parser.parse_args()
@@ -326,6 +333,8 @@ def main() -> None:
                 continue
             if args.quantization != "none":
                 quantize_transformer(transformer, args.quantization, dtype=dtype)
+            if args.attention:
+                transformer.set_attention_backend(args.attention)
             variant = detect_variant(dict(transformer.config))
             for resolution, ckpt, compiled, loop in settings(args):
                 if loop == "diffusers" and args.blocks_to_swap:
@@ -338,6 +347,7 @@ def main() -> None:
                                   profile_it=args.profile and loop == "engine" and not ckpt and not compiled
                                   and resolution == max(args.resolutions), quantization=args.quantization,
                                   swapped=args.blocks_to_swap)
+                row["attention"] = args.attention or "default"
                 rows.append(row)
                 print(json.dumps(row), flush=True)
             del transformer

@@ -31,9 +31,9 @@ def test_gpu_speed_runs_a_quantized_swapped_base_tiny_on_the_cpu(tmp_path):
     out = tmp_path / "rows.json"
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_speed.py"), "--tiny", "--variants",
                           "klein-4b", "--resolutions", "64", "--checkpointing", "on", "--warmup", "1", "--steps", "1",
-                          "--quantization", "nf4", "--blocks-to-swap", "2", "--json", str(out)],
+                          "--quantization", "nf4", "--blocks-to-swap", "2", "--attention", "native", "--json", str(out)],
                          capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
     (row,) = json.loads(out.read_text())   # the engine only: diffusers' loop has no block swap
     assert (row["loop"], row["quantization"], row["blocks_to_swap"], row["checkpointing"]) == ("engine", "nf4", 2, True)
-    assert row["s_per_step"] > 0 and "error" not in row and "| klein-4b nf4 swap 2 | engine | 64 |" in run.stdout
+    assert row["s_per_step"] > 0 and "error" not in row and "| klein-4b native nf4 swap 2 | engine | 64 |" in run.stdout
