@@ -42,11 +42,10 @@ from flux2_lora_core.models import shipped_config  # noqa: E402
 from flux2_lora_core.models.quantized_linear import quantize_transformer  # noqa: E402
 from flux2_lora_core.models.tiny_models import tiny_transformer_config  # noqa: E402
 from flux2_lora_core.training import trainer  # noqa: E402
-from flux2_lora_core.training.block_swap import swap_blocks  # noqa: E402
 from flux2_lora_core.training.flow_matching import PositionIds  # noqa: E402
 from flux2_lora_core.training.lora import add_lora, trainable_parameters  # noqa: E402
 from flux2_lora_core.training.metrics import MetricsLog  # noqa: E402
-from flux2_lora_core.training.optimization import make_optimizer, mixed_precision  # noqa: E402
+from flux2_lora_core.training.optimization import make_optimizer  # noqa: E402
 
 MODELS = {"klein-4b": "flux2-klein-4b", "klein-9b": "flux2-klein-9b", "dev": "flux2-dev"}
 PIXELS_PER_TOKEN = 16      # VAE /8, then 2x2 patches
@@ -128,22 +127,15 @@ def engine_session(transformer, variant, resolution, batch, rank, checkpointing,
     overrides = [f"model.path={out}", f"data.path={out}", f"output.dir={out}", f"lora.rank={rank}",
                  f"lora.alpha={rank}", f"train.batch_size={batch}", "train.optimizer=adamw", "train.steps=1000000",
                  f"train.gradient_checkpointing={str(checkpointing).lower()}", f"train.compile={str(compile_blocks).lower()}",
-                 f"data.resolution={resolution}"]
+                 f"data.resolution={resolution}", f"model.blocks_to_swap={swapped}"]
     config = load_config(None, overrides)
     t = config.train
     targets = add_lora(transformer, rank=rank, alpha=rank, dropout=0.0, targets=config.lora.targets, seed=t.seed)
-    if checkpointing or swapped:
-        transformer.enable_gradient_checkpointing()
-    swap_blocks(transformer, swapped, transformer.device)   # model.blocks_to_swap, as the trainer applies it
-    if compile_blocks:
-        for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
-            block.compile()
-    transformer.train()
+    autocast_dtype, scaler = trainer.prepare_model(config, transformer, transformer.device, transformer.dtype)
     from diffusers.optimization import get_scheduler
 
     optimizer = make_optimizer(trainable_parameters(transformer), t)
     scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.steps)
-    autocast_dtype, scaler = mixed_precision(transformer.device, transformer.dtype, t.mixed_precision)
     cache = HostCache(resolution, transformer.config.joint_attention_dim, transformer.dtype)
     return trainer.Session(config, out, cache, None, transformer, variant, targets, optimizer, scheduler, scaler,
                            autocast_dtype, transformer.device, transformer.dtype, {},
