@@ -105,7 +105,7 @@ TEMPLATES = {
         "groups": [("Train a FLUX.2 [dev] LoRA with the least memory", ["1", "8", "2", "3", "4", "5", "6", "7"])],
         "note": ("FLUX.2 [dev] is large: this graph keeps memory low (fp8 transformer file, gradient checkpointing, "
                  "8-bit AdamW, batch 1), which fits a 48 GB GPU at 1024 px. On 24 GB set Load Training Model's "
-                 "quantization to nf4 and blocks_to_swap to what its note says fits (6 at 1024 px); run it once to "
+                 "quantization to nf4 and blocks_to_swap to what its note says fits (10 at 1024 px); run it once to "
                  "see the note. Put your images in ComfyUI/input/my_dataset; the Mistral text-encoder file carries "
                  "its own tokenizer, so no tokenizer is needed."),
     },

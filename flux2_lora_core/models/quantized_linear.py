@@ -72,8 +72,8 @@ def dequantize(qweight: torch.Tensor, scale: torch.Tensor, scheme: str, shape: t
     """The (out, in) weight in `dtype` that `quantize` stands for (or a GGUF file's blocks, ggml_quants.py)."""
     if scheme in ggml_quants.TYPES:
         return ggml_quants.dequantize(qweight, scheme, shape, dtype)
-    if scheme in ("fp8", "int8"):
-        return (qweight.float() * scale[:, None]).to(dtype)
+    if scheme in ("fp8", "int8"):   # in place: one fp32 temporary of the layer, not two, next to the result
+        return qweight.float().mul_(scale[:, None]).to(dtype)
     if qweight.is_cuda and _bitsandbytes() is not None:
         return bitsandbytes_nf4(qweight, scale, shape, dtype)
     codes = torch.stack([qweight >> 4, qweight & 0x0F], dim=-1).reshape(-1, NF4_BLOCK).int()  # (blocks, 64); not

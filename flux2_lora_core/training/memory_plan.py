@@ -1,8 +1,9 @@
 """How much memory a LoRA training step needs, per setting, before anything is loaded: `flux2-lora plan`.
 
 The peak of a step is three parts, each computed from the transformer config (no weights are read):
-- weights: the frozen base, `parameter_count(config)` x bytes per parameter of the quantization
-  (bf16 2, fp8 1, int8 1, nf4 0.5625 with its per-block scales);
+- weights: the frozen base, `parameter_count(config)`: the blocks' linears at the quantization's bytes per
+  parameter (bf16 2, fp8 1, int8 1, nf4 0.5625 with its per-block scales), the rest (embedders, modulation,
+  output layers) in bf16, as quantized_linear.py leaves them;
 - LoRA + optimizer: the LoRA parameters (rank x (in + out) per targeted Linear) x 16 bytes for AdamW
   (fp32 weight, fp32 gradient, two fp32 moments), 10 for AdamW8bit, 12 for SGD with momentum;
 - activations: what autograd keeps for backward. Every block sees all B x S tokens, S = (px / 16)^2 image
@@ -16,8 +17,9 @@ The peak of a step is three parts, each computed from the transformer config (no
 The three constants were FITTED (least squares on the relative error) to the peak memory of the engine's
 step measured on an NVIDIA H200 (benchmarks/results/2026-11-29-nvidia-h200.md: bf16 base, batch 1, rank 16,
 512 text tokens, AdamW; klein-4B, klein-9B, [dev], 512 / 1024 px, checkpointing on and off); they predict
-every measured row within 15% (tests/core/training/test_memory_plan.py). Quantized bases are not measured
-yet: their rows assume the same activations plus one dequantized (bf16) copy of the largest Linear at a time.
+every measured row within 15% (tests/core/training/test_memory_plan.py). Quantized bases are not measured on a
+GPU yet: their rows count the blocks' linears at the quantization's bytes and the rest at bf16 (as loaded), the
+same activations, and the decoding of the widest Linear while it computes (QUANTIZED_TRANSIENT).
 `torch.cuda.max_memory_allocated` leaves out the CUDA context (~0.5-1 GiB): "fits" keeps `HEADROOM_GIB` free.
 """
 
@@ -42,6 +44,9 @@ TEXT_ENCODERS = {2560: ("Qwen3-4B", 4.02e9, 36, 151936), 4096: ("Qwen3-8B", 8.19
                  5120: ("Mistral Small 3.x 24B", 24.0e9, 40, 131072)}   # (name, parameters, layers, vocabulary)
 # Bytes per text-encoder parameter under model.text_encoder_quantization (nf4 with its fp32 absmax per 64).
 TEXT_QUANTIZATIONS = {"bf16": 2.0, "fp8/int8": 1.0, "nf4": 0.5 + 4 / 64}
+# Bytes per weight of the widest Linear while it is decoded, besides the decoded copy (dtype bytes): fp8 / int8 go
+# through one fp32 temporary (quantized_linear.dequantize); nf4 through bitsandbytes' kernel, straight to dtype.
+QUANTIZED_TRANSIENT = {"none": None, "fp8": 4, "int8": 4, "nf4": 0}
 SWAP_WINDOW = 2                 # swapped blocks on the device at once: the running one and the next (block_swap.AHEAD + 1)
 # Speed order of the settings: measured on the H200 for checkpointing (off is 1.4-2x faster); assumed for the
 # quantizations (a bf16 matmul is the fastest path; fp8/int8 dequantize, nf4 the most).
@@ -157,15 +162,17 @@ def plan_memory(config: dict, resolution: int, *, name: str = "custom", batch_si
     d, m, _, _, _ = _sizes(config)
     params = parameter_count(config)
     lora = lora_parameter_count(config, rank, targets) * OPTIMIZER_BYTES.get(optimizer, 16) / GiB
-    dequantized = d * (3 * d + 2 * m) * 2 / GiB          # the widest Linear (single blocks' fused qkv + mlp-in)
+    widest = d * (3 * d + 2 * m)                    # the widest Linear (single blocks' fused qkv + mlp-in)
+    blocks = sum(block_parameters(config))
     rows = []
     for checkpointing in (False, True):
         activations = activation_bytes(config, resolution, batch_size=batch_size, checkpointing=checkpointing,
                                        text_tokens=text_tokens, dtype_bytes=dtype_bytes) / GiB
         for q in quantizations:
             bytes_per = QUANTIZATIONS[q] if dtype_bytes == 2 or q != "none" else dtype_bytes
-            rows.append(Estimate(q, checkpointing, params * bytes_per / GiB, lora,
-                                 activations + (dequantized if q != "none" else 0.0)))
+            weights = blocks * bytes_per + (params - blocks) * (2 if dtype_bytes == 2 else dtype_bytes)
+            decoding = 0 if q == "none" else widest * (QUANTIZED_TRANSIENT[q] + dtype_bytes)
+            rows.append(Estimate(q, checkpointing, weights / GiB, lora, activations + decoding / GiB))
     swaps = []   # (GiB copied in per step, row): the fewer bytes wait on the host-to-GPU link, the faster
     for row in [r for r in rows if r.checkpointing and vram_gib is not None and not r.fits(vram_gib)]:
         bytes_per = QUANTIZATIONS[row.quantization] if dtype_bytes == 2 or row.quantization != "none" else dtype_bytes

@@ -51,7 +51,7 @@ def model_note(model, *, vram_gib: float | None = None) -> str:
     stored = stored_weights_gib(model.path, q)
     lines = [f"{variant.name}: predicted peak GiB of a training step (rank 16, batch 1, AdamW), gradient_checkpointing "
              f"off / on" + (f"; this GPU has {vram_gib:.0f} GiB" if vram_gib else "") + ":"]
-    weights = stored if stored is not None else parameter_count(config) * QUANTIZATIONS[q] / GiB
+    weights = stored if stored is not None else plan_memory(config, 1024, quantizations=(q,)).estimate(q, True).weights
     weights -= swap_saving(config, swapped, weights * GiB / parameter_count(config))
 
     def fits(gib: float) -> str:
