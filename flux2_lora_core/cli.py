@@ -117,13 +117,16 @@ def _load(args: argparse.Namespace):
 
 def _run(start, desc: str) -> int:
     """Run `start(callbacks)` under the progress bar and the signal handlers; report; exit 0 or 128 + signal."""
+    from .training.distributed import follower
+
     with StopOnSignal() as stop:
         bar = TrainingBar(desc, stop)
         try:
             result = start(bar)
         finally:
             bar.close()
-    report_training(result)
+    if not follower():   # under torchrun, rank 0 reports for every rank
+        report_training(result)
     return stop.code
 
 
@@ -355,7 +358,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+    from .training.distributed import follower
+
+    level = logging.DEBUG if args.verbose else logging.WARNING if follower() else logging.INFO   # rank 0 tells
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
     try:
         with StopOnSignal():  # SIGTERM too ends in a message, not a silent kill; train's own handler nests inside
             return args.func(args)

@@ -6,8 +6,10 @@ Kept out of the engine (which reports through callbacks) and out of cli.py (whic
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
+import time
 
 EXIT_OK = 0
 
@@ -72,15 +74,23 @@ class StopOnSignal:
     Outside training (before the first step, caching, any other command) a signal aborts at once by raising
     `Interrupted`: the latent cache keeps what it encoded (latent_cache.py) and `interrupted_exit` gives the status."""
 
+    # torchrun hands a signal it gets to every worker as SIGINT and then SIGTERM at once, and a terminal's Ctrl+C
+    # reaches the workers directly as well: under torchrun, signals this close after the first are that request.
+    REPEAT_SECONDS = 3.0
+
     def __init__(self):
         self.signal = None
         self.training = False   # set by the first step: before it there is nothing to save, so stop at once
+        self.first_at = 0.0
 
     def _handle(self, signum, frame):
+        repeated = time.monotonic() - self.first_at < self.REPEAT_SECONDS
+        if self.signal is not None and repeated and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            return
         if self.signal is not None or not self.training:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise Interrupted(signum)
-        self.signal = signum
+        self.signal, self.first_at = signum, time.monotonic()
         print(f"\n{signal.Signals(signum).name}: finishing this step and writing a checkpoint "
               "(press Ctrl+C again to abort now)", file=sys.stderr)
 
@@ -110,7 +120,8 @@ class TrainingBar:
         self.setup(phase, done, total)
 
     def on_phase(self, phase):
-        pass  # the setup bars and the step bar already say what runs
+        if phase == "training" and self.stop is not None:   # from here a signal stops at the end of a step
+            self.stop.training = True                        # (the setup bars and the step bar say what runs)
 
     def on_step(self, report):
         if self.stop is not None:

@@ -171,5 +171,8 @@ def prefetcher_for(s) -> Prefetcher | None:
     if not t.prefetch_batches or (s.device.type == "cpu" and not ON_CPU):
         return None
     plan = upcoming(s.streams, s.step, t.steps, s.config.data.resolution, t.gradient_accumulation)
+    if s.ranks.many:   # this rank's share of each global batch (distributed.py); none of a batch it has no share in
+        plan = ((resolution, mine) for resolution, batch in plan for mine in [batch[s.ranks.share(len(batch))]]
+                if mine)
     return Prefetcher(s.cache, plan, dtype=s.dtype, device=s.device, flip=s.config.data.flip,
                       depth=t.prefetch_batches)

@@ -29,6 +29,7 @@ from ..data import BatchStream, resolution_at
 from ..errors import ConfigError, Flux2LoraError, TrainingDiverged
 from ..models import choose_device, choose_dtype, free_memory, peak_memory_mb, release
 from ..preflight import check_training_config
+from . import distributed
 from .block_swap import swap_blocks, unswap_blocks
 from .callbacks import Callbacks, StepReport
 from .flow_matching import PositionIds, sample_sigmas, shift_sigmas, training_loss
@@ -85,6 +86,7 @@ class Session:
     start_step: int = 0
     losses: deque = field(default_factory=lambda: deque(maxlen=LOSS_HISTORY))   # bounded (audit 2.1)
     samples: list[Path] = field(default_factory=list)
+    ranks: distributed.Ranks = distributed.SINGLE   # torchrun's processes: this one's place (distributed.py)
 
 
 def _sample_prompts(config: Config, cache) -> tuple[list[str], list[torch.Tensor]]:
@@ -104,9 +106,18 @@ def setup(config: Config, callbacks: Callbacks, encoders=None, transformer=None,
 
     check_training_config(config, run_dir=resume[0] if resume else None)   # every path, before anything loads
     t, given = config.train, transformer is not None
+    device = choose_device(config.model.device)
+    ranks = distributed.start(device.type)
+    if ranks.many and device.type == "cuda":
+        device = torch.device("cuda", ranks.local)
+        torch.cuda.set_device(device)
     callbacks.on_phase("caching")
+    if not ranks.main:
+        distributed.barrier(ranks)   # rank 0 fills the cache first: the others then only read it
     cache, encoders = cache_for_config(config, encoders=encoders, progress=callbacks.on_progress,
                                        prompts=config.sample.prompts)
+    if ranks.main:
+        distributed.barrier(ranks)
     prompts, embeds = _sample_prompts(config, cache)
     if t.batch_size > 1:
         lengths = {i: cache.text_length(i) for i in range(len(cache))}
@@ -117,7 +128,6 @@ def setup(config: Config, callbacks: Callbacks, encoders=None, transformer=None,
                                                     f"(e.g. {longer[0]}), and a batch needs equal lengths: shorten "
                                                     "them or use train.batch_size=1")])
 
-    device = choose_device(config.model.device)
     dtype = choose_dtype(config.model.dtype, device)
     callbacks.on_phase("loading")
     if transformer is None:
@@ -137,6 +147,7 @@ def setup(config: Config, callbacks: Callbacks, encoders=None, transformer=None,
     if variant.family != cache.family:
         raise ConfigError([("model.path", f"the transformer is FLUX.2 [{variant.family}] but the latent cache was "
                                           f"encoded for [{cache.family}]: use matching files")])
+    distributed.agree(ranks, {"config": config.to_dict(), "cache": cache.fingerprint, "model.path": base_fingerprint})
     torch.manual_seed(t.seed)  # LoRA dropout draws from torch's global generator (forked by train())
     if getattr(transformer, "peft_config", None):
         raise ConfigError([("model.path", "the transformer given already has a LoRA adapter "
@@ -145,7 +156,7 @@ def setup(config: Config, callbacks: Callbacks, encoders=None, transformer=None,
                        targets=config.lora.targets, seed=t.seed)
     try:
         return _finish_setup(config, callbacks, cache, encoders, transformer, variant, targets, dtype, device,
-                             base_fingerprint, prompts, embeds, resume)
+                             base_fingerprint, prompts, embeds, resume, ranks)
     except BaseException:
         hand_back(transformer) if given else release(transformer)
         raise
@@ -187,7 +198,7 @@ def prepare_model(config, transformer, device, dtype) -> tuple[torch.dtype | Non
 
 
 def _finish_setup(config, callbacks, cache, encoders, transformer, variant, targets, dtype, device,
-                  base_fingerprint, prompts, embeds, resume) -> Session:
+                  base_fingerprint, prompts, embeds, resume, ranks=distributed.SINGLE) -> Session:
     from diffusers.optimization import get_scheduler
 
     data, t = config.data, config.train
@@ -196,21 +207,24 @@ def _finish_setup(config, callbacks, cache, encoders, transformer, variant, targ
     optimizer = make_optimizer(params, t)
     scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps,
                               num_training_steps=t.steps)
-    run_dir = resume[0] if resume else new_run_dir(config)
-    streams = {r: BatchStream(cache, r, t.batch_size, t.seed) for r in data.resolution}
+    run_dir = resume[0] if resume else distributed.broadcast(ranks, new_run_dir(config) if ranks.main else None)
+    # One stream of global batches (train.batch_size per rank x ranks): every rank draws the same, trains its share.
+    streams = {r: BatchStream(cache, r, t.batch_size * ranks.world, t.seed) for r in data.resolution}
     session = Session(config, run_dir, cache, encoders, transformer, variant, targets, optimizer, scheduler, scaler,
                       autocast_dtype, device, dtype, streams, torch.Generator("cpu").manual_seed(t.seed),
-                      PositionIds(), MetricsLog(None), prompts, embeds, base_fingerprint)
+                      PositionIds(), MetricsLog(None), prompts, embeds, base_fingerprint, ranks=ranks)
     if resume:
         from .state import restore
 
         restore(session, resume[1], resume[2])   # first: a checkpoint that cannot be used changes no file
     # On resume, the records after the checkpoint (of the steps being redone) are dropped from the file.
-    session.metrics = MetricsLog(run_dir / "metrics.jsonl", truncate_after=session.step if resume else None)
+    if ranks.main:   # only rank 0 writes
+        session.metrics = MetricsLog(run_dir / "metrics.jsonl", truncate_after=session.step if resume else None)
     if resume:
         session.metrics.restore_history(resume[2].get("metrics", {}))
     session.start_step = session.step
-    write_run_json(session)
+    if ranks.main:
+        write_run_json(session)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)   # memory_mb: training's peak, not the encoders' before it
     return session
@@ -221,9 +235,13 @@ def micro_batch(s: Session, indices: list[int], resolution: int,
                 batches: Prefetcher | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(latents (B, 128, h, w), prompt embeddings (B, L, D)) with flips and caption dropout drawn from the run's
     generator. With `batches` the tensors were read ahead (prefetch.py); the draws are the same either way."""
-    draws = torch.rand(2, len(indices), generator=s.generator)
+    draws = torch.rand(2, len(indices), generator=s.generator)          # for the global batch: ranks stay in step
     flips = draws[0] < 0.5 if s.config.data.flip else torch.zeros(len(indices), dtype=torch.bool)
     dropped = draws[1] < s.config.train.caption_dropout
+    share = s.ranks.share(len(indices))
+    indices, flips, dropped = indices[share], flips[share], dropped[share]
+    if not indices:   # this rank has no sample of this (short) batch: its draws are made, nothing to read
+        return None, None
     if batches is not None:
         latents, texts = batches.get(resolution, indices).choose(flips, dropped)   # pinned on CUDA
         return latents.to(s.device, non_blocking=True), texts.to(s.device, non_blocking=True)
@@ -244,13 +262,25 @@ def to_device(s: Session, tensor: torch.Tensor, dtype: torch.dtype | None = None
 
 def micro_step(s: Session, indices: list[int], resolution: int, scale: float,
                batches: Prefetcher | None = None) -> torch.Tensor:
-    """Forward and backward of one micro-batch; returns its loss (a detached device scalar)."""
+    """Forward and backward of this rank's share of one micro-batch; returns its loss weighted by that share (a
+    detached device scalar; the ranks' values sum to the global batch's loss). A rank whose share is empty draws
+    the same random numbers and computes nothing."""
     t = s.config.train
-    x0, text = micro_batch(s, indices, resolution, batches)              # (B, 128, h, w), (B, L, D)
-    batch, _, h, w = x0.shape
-    noise = to_device(s, torch.randn(x0.shape, generator=s.generator), s.dtype)
-    sigmas = sample_sigmas(batch, method=t.timestep_sampling, generator=s.generator, logit_mean=t.logit_mean,
-                           logit_std=t.logit_std)                       # (B,)
+    count = len(indices)
+    mine = len(indices[s.ranks.share(count)])
+    if not mine:
+        shape = s.cache.latent(indices[0], resolution).shape                  # (128, h, w) of the global batch
+        micro_batch(s, indices, resolution, batches)                           # its draws, and no read
+        torch.randn((count, *shape), generator=s.generator)
+        sample_sigmas(count, method=t.timestep_sampling, generator=s.generator, logit_mean=t.logit_mean,
+                      logit_std=t.logit_std)
+        return torch.zeros((), device=s.device)
+    x0, text = micro_batch(s, indices, resolution, batches)              # (b, 128, h, w), (b, L, D): this rank's
+    share = s.ranks.share(count)
+    noise = to_device(s, torch.randn((count, *x0.shape[1:]), generator=s.generator)[share], s.dtype)
+    sigmas = sample_sigmas(count, method=t.timestep_sampling, generator=s.generator, logit_mean=t.logit_mean,
+                           logit_std=t.logit_std)[share]                # (b,)
+    _, _, h, w = x0.shape
     if t.timestep_shift != "none":
         sigmas = shift_sigmas(sigmas, h * w, mu_schedule=t.timestep_shift)
     img_ids, txt_ids = s.ids.get(h, w, text.shape[1], s.device)
@@ -259,14 +289,16 @@ def micro_step(s: Session, indices: list[int], resolution: int, scale: float,
     with autocast:
         loss = training_loss(s.transformer, x0, text, noise=noise, sigmas=to_device(s, sigmas), img_ids=img_ids,
                              txt_ids=txt_ids, guidance=guidance, weighting=t.loss_weighting)
-    scaled = loss * scale
+    weighted = loss * (mine / count)
+    scaled = weighted * scale
     (s.scaler.scale(scaled) if s.scaler else scaled).backward()
-    return loss.detach()
+    return weighted.detach()
 
 
 def optimizer_step(s: Session, want_norm: bool) -> torch.Tensor | None:
     """Unscale, clip, step; the gradient norm only when clipping needs it anyway or it will be logged."""
     t, params = s.config.train, trainable_parameters(s.transformer)
+    distributed.sum_gradients(s.ranks, params)   # once per optimizer step, accumulation included
     if s.scaler:
         s.scaler.unscale_(s.optimizer)
     norm = None
@@ -294,7 +326,7 @@ def sample(s: Session, callbacks: Callbacks) -> None:
     from .sampling import generate, save_samples
 
     c = s.config.sample
-    if not c.steps:  # sample.steps=0: sampling is off, at every point the loop would sample
+    if not c.steps or not s.ranks.main:  # sample.steps=0: off; other ranks than 0 never sample
         return
     callbacks.on_phase("sampling")
     size = c.resolution or s.config.data.resolution[-1]
@@ -321,7 +353,7 @@ def train_loop(s: Session, callbacks: Callbacks) -> bool:
     try:
         batches = prefetcher_for(s)       # None with train.prefetch_batches=0: the step reads the cache itself
         while s.step < t.steps:
-            if callbacks.should_stop():
+            if distributed.any_rank(s.ranks, callbacks.should_stop()):   # every rank stops at the same step
                 return True
             tick = time.perf_counter()
             resolution = resolution_at(s.step, s.config.data.resolution, t.steps)
@@ -346,7 +378,7 @@ def train_loop(s: Session, callbacks: Callbacks) -> bool:
                                          s.metrics.smoothed_loss(), peak_memory_mb(s.device), logged))
             if s.config.sample.every and s.step % s.config.sample.every == 0 and s.step < t.steps:
                 sample(s, callbacks)
-            if checkpoint_now and s.step < t.steps:
+            if checkpoint_now and s.step < t.steps and s.ranks.main:
                 save_checkpoint(s)
         return False
     finally:
@@ -361,7 +393,8 @@ def train_loop(s: Session, callbacks: Callbacks) -> bool:
 def _log(s: Session, pending, norm) -> list[float]:
     """Write the metrics of the steps since the last log: one device sync per logging interval. Returns their
     losses, in step order."""
-    losses = torch.stack([loss for _, loss, _, _ in pending]).float().cpu().tolist()
+    losses = distributed.sum_over_ranks(s.ranks, torch.stack([loss for _, loss, _, _ in pending]).float())
+    losses = losses.cpu().tolist()   # each rank's share of the loss, summed: the global batch's
     for (step, _, lr, seconds), loss in zip(pending, losses):
         last = step == pending[-1][0]
         extra = {"grad_norm": float(norm)} if last and norm is not None else {}
@@ -424,6 +457,8 @@ def train(config: Config, callbacks: Callbacks | None = None, *, encoders=None, 
     """The whole run. Encoders and transformer load from config.model unless given (then they are not freed).
     `resume`: see setup (resume.py builds it from a checkpoint)."""
     callbacks = callbacks or Callbacks()
+    if distributed.follower():
+        callbacks = distributed.Follower(callbacks)   # torchrun's other ranks: rank 0 reports for all
     # A host may call this under no_grad or inference_mode (ComfyUI runs every node so): training needs autograd.
     # The host's random generators are left as they were.
     with torch.inference_mode(False), torch.enable_grad(), torch.random.fork_rng(
@@ -434,10 +469,12 @@ def train(config: Config, callbacks: Callbacks | None = None, *, encoders=None, 
             if stopped and s.step == s.start_step:   # stopped before the first step: nothing new to save
                 return TrainingResult(s.run_dir, None, s.step, True, [], [], None)
             callbacks.on_phase("saving")
-            save_checkpoint(s)        # at the end, or where a stop request ended the run: resumable either way
-            lora_path = save(s)
-            curves = plot_training_curves(s.run_dir / "metrics.jsonl", s.run_dir / "training_curves.png",
-                                          title=f"{config.output.name} ({s.variant.name})")
+            lora_path = curves = None
+            if s.ranks.main:          # the only rank that writes
+                save_checkpoint(s)    # at the end, or where a stop request ended the run: resumable either way
+                lora_path = save(s)
+                curves = plot_training_curves(s.run_dir / "metrics.jsonl", s.run_dir / "training_curves.png",
+                                              title=f"{config.output.name} ({s.variant.name})")
             if not stopped:
                 try:
                     sample(s, callbacks)
@@ -445,5 +482,7 @@ def train(config: Config, callbacks: Callbacks | None = None, *, encoders=None, 
                     log.warning("the final samples failed (%s); the LoRA is at %s", exc, lora_path)
         finally:
             cleanup(s, release_model=transformer is None)
+            if s.ranks.many:
+                distributed.stop()
     return TrainingResult(s.run_dir, lora_path, s.step, stopped, list(s.losses), list(s.samples), curves,
                           s.cache.summary.screened)

@@ -1,0 +1,73 @@
+"""Data-parallel training under torchrun (distributed.py): real processes on the gloo backend, on the CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from flux2_lora_core.training.distributed import Ranks
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}   # two ranks on two cores
+
+
+def run(args: list[str], ranks: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"] if ranks > 1 else []
+    done = subprocess.run([sys.executable, *launcher, "-m", "flux2_lora_core", *args], capture_output=True,
+                          text=True, timeout=timeout, env=ENV)
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
+    return done
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_each_rank_gets_a_contiguous_even_share_of_a_global_batch(world):
+    for count in range(0, 9):
+        shares = [Ranks(rank, world).share(count) for rank in range(world)]
+        sizes = [s.stop - s.start for s in shares]
+        assert [i for s in shares for i in range(count)[s]] == list(range(count)) and max(sizes) - min(sizes) <= 1
+
+
+def test_two_ranks_train_the_same_lora_as_one_with_the_same_global_batch(training_files, tmp_path):
+    """Two gloo ranks, one sample each, against one process with both: the same global batches, draws and updates.
+    Buckets are on, so a bucket's short last batch leaves a rank with no sample some steps (its gradient is zero
+    and its share of the loss is 0). Then the 2-rank run's checkpoint resumes in one process."""
+    root = training_files("klein", 4)
+    common = [f"model.path={root / 'model'}", f"data.path={root / 'data'}", "data.resolution=64",
+              f"cache.dir={root / 'cache'}", "lora.rank=4", "train.steps=4", "train.lr=1e-3", "train.log_every=1",
+              "sample.steps=0", "checkpoint.every=2", "train.timestep_sampling=uniform"]
+    run(["train", *common, f"output.dir={tmp_path / 'two'}", "train.batch_size=1"], ranks=2)
+    run(["train", *common, f"output.dir={tmp_path / 'one'}", "train.batch_size=2"])
+    two, one = (load_file(tmp_path / name / "flux2_lora" / "lora" / "flux2_lora.safetensors") for name in ("two", "one"))
+    assert two.keys() == one.keys()
+    assert max(float((two[k] - one[k]).abs().max()) for k in two) <= 1e-5
+    assert max(float(v.abs().max()) for v in two.values()) > 1e-4                        # it learned something
+    rows = [json.loads(line) for line in (tmp_path / "two" / "flux2_lora" / "metrics.jsonl").read_text().splitlines()]
+    others = [json.loads(line) for line in (tmp_path / "one" / "flux2_lora" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]                                   # written once, by rank 0
+    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in others], rel=1e-5)
+    run(["resume", str(tmp_path / "two" / "flux2_lora"), "--steps", "2"])                 # 2 ranks -> 1 process
+    rows = (tmp_path / "two" / "flux2_lora" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in rows] == [1, 2, 3, 4, 5, 6]
+
+
+def test_ranks_that_disagree_are_refused_by_name(tmp_path):
+    script = tmp_path / "disagree.py"
+    script.write_text("from flux2_lora_core.errors import ConfigError\n"
+                      "from flux2_lora_core.training import distributed\n"
+                      "ranks = distributed.start('cpu')\n"
+                      "try:\n"
+                      "    distributed.agree(ranks, {'cache': 'same', 'model.path': f'weights-{ranks.rank}'})\n"
+                      "except ConfigError as exc:\n"
+                      "    print(f'rank {ranks.rank}: {exc}')\n"
+                      "distributed.stop()\n")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(script)], capture_output=True, text=True, timeout=300, env=ENV)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):   # every rank refuses, naming the key and both values
+        assert f"rank {rank}: " in done.stdout and "model.path: rank 1 has 'weights-1' but rank 0 has 'weights-0'" \
+            in done.stdout, done.stdout
+    assert "cache" not in done.stdout.split("model.path")[0].split(": ", 1)[-1]
