@@ -117,7 +117,7 @@ def _load(args: argparse.Namespace):
 
 def _run(start, desc: str) -> int:
     """Run `start(callbacks)` under the progress bar and the signal handlers; report; exit 0 or 128 + signal."""
-    from .training.distributed import follower
+    from .training import follower
 
     with StopOnSignal() as stop:
         bar = TrainingBar(desc, stop)
@@ -358,7 +358,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from .training.distributed import follower
+    from .training import follower
 
     level = logging.DEBUG if args.verbose else logging.WARNING if follower() else logging.INFO   # rank 0 tells
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
