@@ -149,7 +149,7 @@ def sum_gradients(ranks: Ranks, params: list[torch.Tensor]) -> None:
     flat = sum_over_ranks(ranks, torch.cat([g.reshape(-1) for g in grads]))
     offset = 0
     for p, g in zip(params, grads):
-        p.grad = flat[offset:offset + g.numel()].view_as(p).clone()
+        p.grad = flat[offset:offset + g.numel()].view_as(p)   # views of the one summed buffer: no copies
         offset += g.numel()
 
 

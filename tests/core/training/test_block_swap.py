@@ -14,6 +14,8 @@ from flux2_lora_core.models.tiny_models import build_tiny_pipeline
 from flux2_lora_core.training import Callbacks, trainer
 from flux2_lora_core.training.block_swap import ATTRIBUTE, swap_blocks, transformer_blocks, unswap_blocks
 
+from .test_trainer import make_config as trainer_config
+
 
 @pytest.fixture(scope="module")
 def workspace(training_files):
@@ -21,10 +23,9 @@ def workspace(training_files):
 
 
 def make_config(root, tmp_path, *overrides):
-    return load_config(None, [f"model.path={root / 'model'}", f"data.path={root / 'data'}", "data.resolution=64",
-                              f"cache.dir={root / 'cache'}", f"output.dir={tmp_path / 'out'}", "lora.rank=4",
-                              "train.steps=2", "train.gradient_accumulation=2", "train.lr=1e-3", "train.log_every=1",
-                              "sample.steps=0", *overrides])
+    """test_trainer's run, shortened: 2 steps of 2 accumulated micro-batches, no samples."""
+    return trainer_config(root, tmp_path, "train.steps=2", "train.gradient_accumulation=2", "train.log_every=1",
+                          "sample.steps=0", *overrides)
 
 
 def trained(workspace, tmp_path, *overrides, transformer=None):
