@@ -42,6 +42,7 @@ from flux2_lora_core.models import shipped_config  # noqa: E402
 from flux2_lora_core.models.quantized_linear import quantize_transformer  # noqa: E402
 from flux2_lora_core.models.tiny_models import tiny_transformer_config  # noqa: E402
 from flux2_lora_core.training import trainer  # noqa: E402
+from flux2_lora_core.training.model_setup import prepare_model  # noqa: E402
 from flux2_lora_core.training.flow_matching import PositionIds  # noqa: E402
 from flux2_lora_core.training.lora import add_lora, trainable_parameters  # noqa: E402
 from flux2_lora_core.training.metrics import MetricsLog  # noqa: E402
@@ -131,7 +132,7 @@ def engine_session(transformer, variant, resolution, batch, rank, checkpointing,
     config = load_config(None, overrides)
     t = config.train
     targets = add_lora(transformer, rank=rank, alpha=rank, dropout=0.0, targets=config.lora.targets, seed=t.seed)
-    autocast_dtype, scaler = trainer.prepare_model(config, transformer, transformer.device, transformer.dtype)
+    autocast_dtype, scaler = prepare_model(config, transformer, transformer.device, transformer.dtype)
     from diffusers.optimization import get_scheduler
 
     optimizer = make_optimizer(trainable_parameters(transformer), t)

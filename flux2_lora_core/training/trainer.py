@@ -30,12 +30,13 @@ from ..errors import ConfigError, Flux2LoraError, TrainingDiverged
 from ..models import choose_device, choose_dtype, free_memory, peak_memory_mb, release
 from ..preflight import check_training_config
 from . import distributed
-from .block_swap import swap_blocks, unswap_blocks
+from .block_swap import unswap_blocks
 from .callbacks import Callbacks, StepReport
 from .flow_matching import PositionIds, sample_sigmas, shift_sigmas, training_loss
 from .lora import add_lora, trainable_parameters
 from .metrics import MetricsLog, plot_training_curves, step_profiler
-from .optimization import make_optimizer, mixed_precision
+from .model_setup import prepare_model
+from .optimization import make_optimizer
 from .prefetch import Prefetcher, prefetcher_for
 from .run_folder import new_run_dir, write_run_json
 from .state import save_checkpoint
@@ -162,47 +163,12 @@ def setup(config: Config, callbacks: Callbacks, encoders=None, transformer=None,
         raise
 
 
-def _checkpointing(config, transformer, device, compute_dtype) -> bool:
-    """train.gradient_checkpointing resolved for this model and device (memory_plan.resolve_checkpointing)."""
-    from .memory_plan import free_memory_gib, resolve_checkpointing
-
-    t = config.train
-    on, why = resolve_checkpointing(t.gradient_checkpointing, dict(transformer.config),
-                                    resolution=max(config.data.resolution), batch_size=t.batch_size,
-                                    rank=config.lora.rank, optimizer=t.optimizer, targets=config.lora.targets,
-                                    dtype_bytes=compute_dtype.itemsize, free_gib=free_memory_gib(device))
-    log.info("%s", why)
-    return on
-
-
-def prepare_model(config, transformer, device, dtype) -> tuple[torch.dtype | None, object]:
-    """The LoRA-wrapped transformer made ready to train as `config` says (checkpointing resolved, blocks swapped,
-    blocks compiled, train mode); returns (autocast dtype, grad scaler). The GPU benchmark runs this too, so what
-    it measures is the trainer's own setting of the model."""
-    t, swapped = config.train, config.model.blocks_to_swap
-    if swapped and t.compile:   # compiled blocks would trace the swap hooks and recompile at every weight swap
-        raise ConfigError([("model.blocks_to_swap", f"{swapped!r} cannot be combined with train.compile=true: "
-                                                    "use one of them")])
-    autocast_dtype, scaler = mixed_precision(device, dtype, t.mixed_precision)
-    checkpointing = _checkpointing(config, transformer, device, autocast_dtype or dtype)
-    if checkpointing or swapped:
-        if not checkpointing:   # backward must re-run each swapped block to bring its weights back
-            log.info("model.blocks_to_swap=%d turns train.gradient_checkpointing on", swapped)
-        transformer.enable_gradient_checkpointing()
-    swap_blocks(transformer, swapped, device)   # checks the count against the model's blocks; 0: nothing
-    if t.compile:
-        for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
-            block.compile()
-    transformer.train()
-    return autocast_dtype, scaler
-
-
 def _finish_setup(config, callbacks, cache, encoders, transformer, variant, targets, dtype, device,
                   base_fingerprint, prompts, embeds, resume, ranks=distributed.SINGLE) -> Session:
     from diffusers.optimization import get_scheduler
 
     data, t = config.data, config.train
-    autocast_dtype, scaler = prepare_model(config, transformer, device, dtype)
+    autocast_dtype, scaler = prepare_model(config, transformer, device, dtype)   # model_setup.py
     params = trainable_parameters(transformer)
     optimizer = make_optimizer(params, t)
     scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps,

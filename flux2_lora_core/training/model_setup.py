@@ -1,0 +1,50 @@
+"""The LoRA-wrapped transformer made ready to train as the config says: gradient checkpointing resolved (auto:
+from the memory plan and the device's free memory), blocks swapped, blocks compiled, train mode, mixed precision.
+Shared by the trainer and the GPU benchmark, so what the benchmark measures is what training runs."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..errors import ConfigError
+from .block_swap import swap_blocks
+from .optimization import mixed_precision
+
+log = logging.getLogger(__name__)
+
+
+def _checkpointing(config, transformer, device, compute_dtype) -> bool:
+    """train.gradient_checkpointing resolved for this model and device (memory_plan.resolve_checkpointing)."""
+    from .memory_plan import free_memory_gib, resolve_checkpointing
+
+    t = config.train
+    on, why = resolve_checkpointing(t.gradient_checkpointing, dict(transformer.config),
+                                    resolution=max(config.data.resolution), batch_size=t.batch_size,
+                                    rank=config.lora.rank, optimizer=t.optimizer, targets=config.lora.targets,
+                                    dtype_bytes=compute_dtype.itemsize, free_gib=free_memory_gib(device))
+    log.info("%s", why)
+    return on
+
+
+def prepare_model(config, transformer, device, dtype) -> tuple[torch.dtype | None, object]:
+    """The LoRA-wrapped transformer made ready to train as `config` says (checkpointing resolved, blocks swapped,
+    blocks compiled, train mode); returns (autocast dtype, grad scaler). The GPU benchmark runs this too, so what
+    it measures is the trainer's own setting of the model."""
+    t, swapped = config.train, config.model.blocks_to_swap
+    if swapped and t.compile:   # compiled blocks would trace the swap hooks and recompile at every weight swap
+        raise ConfigError([("model.blocks_to_swap", f"{swapped!r} cannot be combined with train.compile=true: "
+                                                    "use one of them")])
+    autocast_dtype, scaler = mixed_precision(device, dtype, t.mixed_precision)
+    checkpointing = _checkpointing(config, transformer, device, autocast_dtype or dtype)
+    if checkpointing or swapped:
+        if not checkpointing:   # backward must re-run each swapped block to bring its weights back
+            log.info("model.blocks_to_swap=%d turns train.gradient_checkpointing on", swapped)
+        transformer.enable_gradient_checkpointing()
+    swap_blocks(transformer, swapped, device)   # checks the count against the model's blocks; 0: nothing
+    if t.compile:
+        for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
+            block.compile()
+    transformer.train()
+    return autocast_dtype, scaler
