@@ -410,8 +410,11 @@ def cleanup(s: Session, *, release_model: bool) -> None:
 
 def hand_back(transformer) -> None:
     """A transformer the caller gave us goes back as it came: no adapter, no checkpointing, no swapped blocks,
-    eval mode."""
+    no compiled blocks, eval mode. Compiled blocks left behind would keep graphs traced over the LoRA wrappers
+    that unload_lora removes: ComfyUI's sampler, or the next run, would call code guarding on modules gone."""
     unswap_blocks(transformer, restore=True)
+    for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
+        vars(block).pop("_compiled_call_impl", None)   # what Module.compile() set; torch has no public undo
     if getattr(transformer, "peft_config", None):
         transformer.unload_lora()   # removes peft's wrapper layers too: the original modules and state-dict keys
     transformer.disable_gradient_checkpointing()

@@ -6,9 +6,15 @@ from __future__ import annotations
 
 import math
 
-
 from flux2_lora_core.config import load_config
 from flux2_lora_core.training import Callbacks, trainer
+
+
+def run_settings(root, steps: int) -> list[str]:
+    """A short run on one bucket: one shape for every step."""
+    return [f"model.path={root / 'model'}", f"data.path={root / 'data'}", "data.resolution=64", "data.buckets=false",
+            f"cache.dir={root / 'cache'}", "lora.rank=4", f"train.steps={steps}", "sample.steps=0",
+            "train.timestep_sampling=uniform", "train.log_every=1"]
 
 
 class GraphCount(Callbacks):
@@ -27,10 +33,7 @@ def test_compiled_blocks_compile_once_and_train_like_eager(training_files, tmp_p
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    root = training_files("klein", 4)
-    settings = [f"model.path={root / 'model'}", f"data.path={root / 'data'}", "data.resolution=64",
-                "data.buckets=false", f"cache.dir={root / 'cache'}", "lora.rank=4", "train.steps=5", "sample.steps=0",
-                "train.timestep_sampling=uniform", "train.log_every=1"]    # one bucket: one shape for every step
+    settings = run_settings(training_files("klein", 4), steps=5)
     torch._dynamo.reset()
     counters.clear()
     seen = GraphCount()
@@ -40,4 +43,27 @@ def test_compiled_blocks_compile_once_and_train_like_eager(training_files, tmp_p
     eager = trainer.train(load_config(None, [*settings, f"output.dir={tmp_path / 'e'}"]), Callbacks())
     assert all(math.isclose(a, b, rel_tol=1e-4) for a, b in zip(compiled.losses, eager.losses)), \
         (compiled.losses, eager.losses)
+    torch._dynamo.reset()
+
+
+def test_a_given_transformer_trains_eager_then_compiled_and_comes_back_uncompiled(training_files, tmp_path):
+    """The path a ComfyUI server takes when it trains twice on the model it keeps loaded, the second time with
+    train.compile: eager steps, the adapter unloaded, then added again and the blocks compiled. (On an H200 this
+    path crashed with an illegal memory access, 2026-11-29; the CPU cannot show that, but it shows the engine's
+    side: both runs train alike and the model goes back with no compiled block to call over the removed LoRA.)"""
+    import torch._dynamo
+
+    from flux2_lora_core.models.tiny_models import build_tiny_pipeline
+
+    settings = run_settings(training_files("klein", 4), steps=2)
+    given = build_tiny_pipeline("klein", seed=0).transformer
+    blocks = [*given.transformer_blocks, *given.single_transformer_blocks]
+    torch._dynamo.reset()
+    eager = trainer.train(load_config(None, [*settings, f"output.dir={tmp_path / 'e'}"]), transformer=given)
+    compiled = trainer.train(load_config(None, [*settings, "train.compile=true", f"output.dir={tmp_path / 'c'}"]),
+                             transformer=given)
+    assert all(math.isclose(a, b, rel_tol=1e-4) for a, b in zip(compiled.losses, eager.losses)), \
+        (compiled.losses, eager.losses)
+    assert all(block._compiled_call_impl is None for block in blocks)
+    assert not getattr(given, "peft_config", None)
     torch._dynamo.reset()
