@@ -99,8 +99,18 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides,
                          check=lambda c: check_paths(c, needs=("model", "data")) + cache_dir_problems(c))
-    with ProgressBars() as progress:
-        cache, _ = cache_for_config(config, progress=progress)
+    from .models import choose_device
+    from .training import Team, follower, join, leave
+
+    ranks, _ = join(choose_device(config.model.device))   # under torchrun every rank encodes a share
+    try:
+        if follower():
+            cache_for_config(config, team=Team(ranks))
+            return EXIT_OK
+        with ProgressBars() as progress:
+            cache, _ = cache_for_config(config, progress=progress, team=Team(ranks) if ranks.many else None)
+    finally:
+        leave()
     print(f"cached {len(cache)} images of {config.data.path} in {cache.root}")
     print(cache.summary.format_text())
     return EXIT_OK

@@ -46,6 +46,7 @@ from .index import (
     CacheSummary,
     LatentCache,
     index_of,
+    open_latent_cache,
     text_key,
 )
 from .store import VERIFY_MODES, ShardStore
@@ -91,7 +92,8 @@ def _image_hash(item, memo: dict, rel: str) -> tuple[str, int, int]:
 
 
 def build_latent_cache(dataset, encoders, settings: CacheSettings = CacheSettings(), *, cache_dir=None,
-                       batch_size: int = 4, verify: str = "quick", progress=None, prompts=()) -> LatentCache:
+                       batch_size: int = 4, verify: str = "quick", progress=None, prompts=(),
+                       team=None) -> LatentCache:
     """Bring the cache for `dataset` up to date and return it (see the module docstring).
 
     `encoders` provides `family`, `fingerprint(part)` and context managers `vae()` /
@@ -99,6 +101,8 @@ def build_latent_cache(dataset, encoders, settings: CacheSettings = CacheSetting
     `progress(phase, done, total)` is called as work completes ("latents", "captions").
     `prompts` (sample prompts) are encoded with the captions, so a run never loads the text encoder twice,
     and kept while the next build asks for them again; read them with `LatentCache.prompt(text)`.
+    `team`: torchrun's processes filling the cache together (training.distributed.Team): rank 0 plans, every
+    rank encodes a share and writes its own shards, rank 0 lists them all in the one manifest it writes.
     """
     from filelock import FileLock  # torch's own dependency: a lock that works on Windows too
 
@@ -108,22 +112,23 @@ def build_latent_cache(dataset, encoders, settings: CacheSettings = CacheSetting
     root = dataset_cache_root(cache_dir, dataset)
     root.mkdir(parents=True, exist_ok=True)
     summary = CacheSummary()
+    if team is not None and not team.main:
+        return _help_build(dataset, encoders, settings, team, root, batch_size, verify)
     with FileLock(str(root / ".lock")):
-        latents = ShardStore(root / f"latents-{encoders.fingerprint('vae')[:16]}",
-                             {"format": CACHE_FORMAT_VERSION, "kind": "latents", "vae": encoders.fingerprint("vae")}
-                             ).load(verify)
-        texts = ShardStore(root / f"text-{encoders.fingerprint('text')[:16]}-{settings.text_conditioning}",
-                           {"format": CACHE_FORMAT_VERSION, "kind": "text", "family": family,
-                            "text_encoder": encoders.fingerprint("text"), "mode": settings.text_conditioning}
-                           ).load(verify)
+        latents, texts = (store.load(verify) for store in _stores(root, encoders, settings))
         summary.rebuilt_shards = latents.damaged + texts.damaged
         extra = {text_key(p): p for p in prompts}
         known = (set(latents.entries), set(texts.entries))
         try:
             items, captions, todo = _plan(dataset, settings, latents, summary)
+            missing = _missing_captions({**captions, **extra}, texts, summary)
+            if team is not None:   # torchrun's ranks encode a share each
+                todo, missing = _share_work(team, todo, missing)
             _encode_latents(dataset, encoders, todo, latents, batch_size, progress, summary)
-            empty_key = _encode_captions(encoders, {**captions, **extra}, texts, family, settings, batch_size,
-                                         progress, summary)
+            _encode_captions(encoders, missing, texts, family, settings, batch_size, progress, summary)
+            if team is not None:
+                _pool(team, (latents, texts), summary)
+            empty_key = text_key("")
             skipped = {path for path, _ in summary.skipped}
             items = [item for item in items if item.path not in skipped]
             if not items:
@@ -138,8 +143,67 @@ def build_latent_cache(dataset, encoders, settings: CacheSettings = CacheSetting
         summary.seconds = time.perf_counter() - started
         cache = LatentCache(root, items, family, settings, latents, texts, empty_key, summary)
         write_atomically(root / INDEX, json.dumps(index_of(cache), indent=1).encode())
+    if team is not None:
+        team.barrier()   # the manifests and index are written: the other ranks may open them
     log.debug("latent cache %s: %s", root, summary.format_text())
     return cache
+
+
+def _stores(root: Path, encoders, settings: CacheSettings, *, lists: bool = True) -> tuple[ShardStore, ShardStore]:
+    """The latent and caption stores of these encoders and settings (not loaded yet)."""
+    return (ShardStore(root / f"latents-{encoders.fingerprint('vae')[:16]}",
+                       {"format": CACHE_FORMAT_VERSION, "kind": "latents", "vae": encoders.fingerprint("vae")},
+                       lists=lists),
+            ShardStore(root / f"text-{encoders.fingerprint('text')[:16]}-{settings.text_conditioning}",
+                       {"format": CACHE_FORMAT_VERSION, "kind": "text", "family": encoders.family,
+                        "text_encoder": encoders.fingerprint("text"), "mode": settings.text_conditioning},
+                       lists=lists))
+
+
+# ------------------------------------------------------------------------------------ several processes
+def _share_of(team, todo: dict, missing: list) -> tuple[dict, list]:
+    """This rank's part of the work: every team.world-th image of each bucket and caption (they come shortest
+    first, so each rank gets long and short ones alike)."""
+    return ({bucket: work[team.rank::team.world] for bucket, work in todo.items()},
+            missing[team.rank::team.world])
+
+
+def _share_work(team, todo: dict, missing: list) -> tuple[dict, list]:
+    """Rank 0's plan on every rank (the others' own stores may be stale), then this rank's share of it."""
+    return _share_of(team, *team.broadcast((todo, missing)))
+
+
+def _pool(team, stores, summary) -> None:
+    """Every rank's new shards and entries listed in rank 0's stores (each rank wrote its shards itself, under
+    unique names), with the images any rank could not read. On the other ranks this only sends."""
+    for store in stores:
+        store.flush()
+    mine = {"stores": [(store.entries, store.shards) for store in stores], "skipped": summary.skipped,
+            "counts": (summary.images_encoded, summary.captions_encoded)}
+    everyone = team.gather(mine if not team.main else None)
+    if team.main:
+        for theirs in everyone[1:]:
+            for store, (entries, shards) in zip(stores, theirs["stores"]):
+                store.entries.update(entries)
+                store.shards.update(shards)
+            summary.skipped.extend(theirs["skipped"])
+            summary.images_encoded += theirs["counts"][0]
+            summary.captions_encoded += theirs["counts"][1]
+
+
+def _help_build(dataset, encoders, settings, team, root, batch_size, verify) -> LatentCache:
+    """A rank other than 0: encode its share into shards of its own, hand them to rank 0, then open the cache
+    rank 0 wrote. It takes no lock: rank 0 holds the folder's lock for the whole team."""
+    summary = CacheSummary()
+    latents, texts = _stores(root, encoders, settings, lists=False)
+    todo, missing = _share_work(team, {}, [])
+    _encode_latents(dataset, encoders, todo, latents, batch_size, None, summary)
+    _encode_captions(encoders, missing, texts, encoders.family, settings, batch_size, None, summary)
+    _pool(team, (latents, texts), summary)
+    team.barrier()
+    log.info("latent cache %s: this rank encoded %d latents and %d captions", root, summary.images_encoded,
+             summary.captions_encoded)
+    return open_latent_cache(root, verify=verify)
 
 
 def _keep_work(root: Path, stores, known) -> None:
@@ -162,8 +226,8 @@ def _plan(dataset, settings, latents, summary):
     memo = latents.extra.setdefault("files", {})
     items, captions, planned = [], {}, set()
     bucket_lists = {resolution: settings.bucket_list(resolution) for resolution in settings.resolutions}
-    todo = defaultdict(list)  # (resolution, bucket) -> [(item index in dataset, keys)]
-    for index, item in enumerate(dataset.items):
+    todo = defaultdict(list)  # (resolution, bucket) -> [(dataset item, keys)]
+    for item in dataset.items:
         rel = dataset.relative_path(item)
         try:
             digest, width, height = _image_hash(item, memo, rel)
@@ -184,7 +248,7 @@ def _plan(dataset, settings, latents, summary):
             summary.images_reused += sum(k in latents.entries for k in keys[resolution])
             if missing:  # an exact duplicate image is encoded once
                 planned.update(missing)
-                todo[(resolution, bucket)].append((index, tuple(missing)))
+                todo[(resolution, bucket)].append((item, tuple(missing)))
         items.append(CachedItem(rel, item.repeats, caption_key, buckets, keys))
     live = {item.path for item in items}
     latents.extra["files"] = {rel: v for rel, v in memo.items() if rel in live}
@@ -200,8 +264,7 @@ def _encode_latents(dataset, encoders, todo, store, batch_size, progress, summar
         for (resolution, bucket), work in sorted(todo.items()):
             for start in range(0, len(work), batch_size):
                 pixels, keys = [], []
-                for index, item_keys in work[start:start + batch_size]:
-                    item = dataset.items[index]
+                for item, item_keys in work[start:start + batch_size]:
                     try:
                         image = load_image_rgb(item.image_path)
                     except Flux2LoraError as exc:
@@ -236,14 +299,18 @@ def _encode_with_backoff(vae, pixels: torch.Tensor) -> torch.Tensor:
         return torch.cat([_encode_with_backoff(vae, pixels[:half]), _encode_with_backoff(vae, pixels[half:])])
 
 
-def _encode_captions(encoders, captions, store, family, settings, batch_size, progress, summary) -> str:
-    empty_key = text_key("")
-    captions = {**captions, empty_key: ""}
+def _missing_captions(captions, store, summary) -> list[tuple[str, str]]:
+    """(key, text) of the captions (the empty one included) not in the store, shortest first: similar lengths
+    batch together, less padding work."""
+    captions = {**captions, text_key(""): ""}
     missing = [(key, text) for key, text in captions.items() if key not in store.entries]
     summary.captions_reused = len(captions) - len(missing)
+    return sorted(missing, key=lambda kv: len(kv[1]))
+
+
+def _encode_captions(encoders, missing, store, family, settings, batch_size, progress, summary) -> None:
     if not missing:
-        return empty_key
-    missing.sort(key=lambda kv: len(kv[1]))  # similar lengths batch together: less padding work
+        return
     with encoders.text_encoder() as (text_encoder, tokenizer):
         for start in range(0, len(missing), batch_size):
             chunk = missing[start:start + batch_size]
@@ -254,12 +321,12 @@ def _encode_captions(encoders, captions, store, family, settings, batch_size, pr
             summary.captions_encoded += len(chunk)
             if progress:
                 progress("captions", summary.captions_encoded, len(missing))
-    return empty_key
 
 
-def cache_for_config(config, *, encoders=None, progress=None, prompts=()):
+def cache_for_config(config, *, encoders=None, progress=None, prompts=(), team=None):
     """(LatentCache, encoders) for a config's model, data and cache sections: what `flux2-lora cache`, the
-    trainer and the Cache Latents node all do. Encoders open from config.model unless given.
+    trainer and the Cache Latents node all do. Encoders open from config.model unless given. `team`: torchrun's
+    ranks encoding a share each (build_latent_cache).
 
     The dataset is validated first, by the rule `flux2-lora validate` applies (data/report.py; data.min_images,
     data.strict, data.max_caption_tokens, caption lengths counted with the model's tokenizer): an unusable dataset
@@ -281,7 +348,7 @@ def cache_for_config(config, *, encoders=None, progress=None, prompts=()):
                              flip=data.flip, text_conditioning=config.model.text_conditioning)
     cache = build_latent_cache(dataset, encoders, settings, cache_dir=config.cache.resolved_dir,
                                batch_size=config.cache.batch_size, verify=config.cache.verify, progress=progress,
-                               prompts=prompts)
+                               prompts=prompts, team=team)
     cache.summary.screened = skip_summary(report) if report.skipped else ""
     cache.summary.screened_out = len(report.skipped)
     return cache, encoders

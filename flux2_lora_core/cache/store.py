@@ -49,11 +49,14 @@ class ShardStore:
     `identity` is what the tensors depend on (format version, model fingerprint, encoding settings):
     a manifest with a different identity is discarded whole, so entries never outlive their model.
     `entries` maps a key to {"shard": file name, **info}; `extra` is free-form state the owner keeps.
+    `lists=False`: a helper's store (another torchrun rank) that writes shards but never the manifest, which
+    belongs to the process holding the folder's lock.
     """
 
-    def __init__(self, folder: Path, identity: dict):
+    def __init__(self, folder: Path, identity: dict, *, lists: bool = True):
         self.folder = Path(folder)
         self.identity = identity
+        self.lists = lists
         self.entries: dict[str, dict] = {}
         self.shards: dict[str, dict] = {}  # file name -> {"bytes": int, "sha256": str}
         self.extra: dict = {}
@@ -169,7 +172,8 @@ class ShardStore:
         Deletes nothing and drops no entry (other datasets' or settings' entries wait for `commit`), so it is
         safe at any moment of a build; every entry it lists is in a shard already written whole."""
         self.flush()
-        self._write_manifest()
+        if self.lists:
+            self._write_manifest()
 
     def commit(self, keep: set[str] | None = None) -> None:
         """The end of a complete build: flush, keep only the entries in `keep` (all when None), write the

@@ -77,7 +77,17 @@ def start(device_type: str) -> Ranks:
     return ranks
 
 
-def stop() -> None:
+def join(device: torch.device) -> tuple[Ranks, torch.device]:
+    """(this process's place, its device): under torchrun on CUDA each rank takes its machine's GPU LOCAL_RANK
+    (made current, so "cuda" means it everywhere after)."""
+    ranks = start(device.type)
+    if ranks.many and device.type == "cuda":
+        device = torch.device("cuda", ranks.local)
+        torch.cuda.set_device(device)
+    return ranks, device
+
+
+def leave() -> None:
     """Leave the process group (after the last collective of a run)."""
     global _host_group
     import torch.distributed as dist
@@ -151,6 +161,28 @@ def sum_gradients(ranks: Ranks, params: list[torch.Tensor]) -> None:
     for p, g in zip(params, grads):
         p.grad = flat[offset:offset + g.numel()].view_as(p)   # views of the one summed buffer: no copies
         offset += g.numel()
+
+
+class Team:
+    """The ranks as the latent cache sees them when they fill it together (cache/latent_cache.py): it needs to
+    pass objects around, not to know torch.distributed."""
+
+    def __init__(self, ranks: Ranks):
+        self.ranks, self.rank, self.world, self.main = ranks, ranks.rank, ranks.world, ranks.main
+
+    def broadcast(self, value):
+        return broadcast(self.ranks, value)
+
+    def gather(self, value) -> list:
+        """Every rank's `value`, in rank order, on every rank."""
+        import torch.distributed as dist
+
+        gathered: list = [None] * self.world
+        dist.all_gather_object(gathered, value, group=_host_group)
+        return gathered
+
+    def barrier(self) -> None:
+        barrier(self.ranks)
 
 
 class Follower(Callbacks):

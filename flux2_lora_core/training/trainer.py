@@ -108,17 +108,11 @@ def setup(config: Config, callbacks: Callbacks, encoders=None, transformer=None,
     check_training_config(config, run_dir=resume[0] if resume else None)   # every path, before anything loads
     t, given = config.train, transformer is not None
     device = choose_device(config.model.device)
-    ranks = distributed.start(device.type)
-    if ranks.many and device.type == "cuda":
-        device = torch.device("cuda", ranks.local)
-        torch.cuda.set_device(device)
+    ranks, device = distributed.join(device)
     callbacks.on_phase("caching")
-    if not ranks.main:
-        distributed.barrier(ranks)   # rank 0 fills the cache first: the others then only read it
     cache, encoders = cache_for_config(config, encoders=encoders, progress=callbacks.on_progress,
-                                       prompts=config.sample.prompts)
-    if ranks.main:
-        distributed.barrier(ranks)
+                                       prompts=config.sample.prompts,
+                                       team=distributed.Team(ranks) if ranks.many else None)   # a share each
     prompts, embeds = _sample_prompts(config, cache)
     if t.batch_size > 1:
         lengths = {i: cache.text_length(i) for i in range(len(cache))}
@@ -452,6 +446,6 @@ def train(config: Config, callbacks: Callbacks | None = None, *, encoders=None, 
         finally:
             cleanup(s, release_model=transformer is None)
             if s.ranks.many:
-                distributed.stop()
+                distributed.leave()
     return TrainingResult(s.run_dir, lora_path, s.step, stopped, list(s.losses), list(s.samples), curves,
                           s.cache.summary.screened)

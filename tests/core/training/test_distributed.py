@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from flux2_lora_core.training.distributed import Ranks
@@ -63,7 +64,7 @@ def test_ranks_that_disagree_are_refused_by_name(tmp_path):
                       "    distributed.agree(ranks, {'cache': 'same', 'model.path': f'weights-{ranks.rank}'})\n"
                       "except ConfigError as exc:\n"
                       "    print(f'rank {ranks.rank}: {exc}')\n"
-                      "distributed.stop()\n")
+                      "distributed.leave()\n")
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                            str(script)], capture_output=True, text=True, timeout=300, env=ENV)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -71,3 +72,32 @@ def test_ranks_that_disagree_are_refused_by_name(tmp_path):
         assert f"rank {rank}: " in done.stdout and "model.path: rank 1 has 'weights-1' but rank 0 has 'weights-0'" \
             in done.stdout, done.stdout
     assert "cache: rank" not in done.stdout                                            # only what differs
+
+
+def test_two_ranks_fill_the_cache_together_as_one_process_would(training_files, tmp_path):
+    """`torchrun ... cache`: each rank encodes a share of the images and captions into shards of its own, and rank
+    0 lists them all in the one manifest it writes. The result reads as one process's cache does, tensor for
+    tensor, and training reuses it whole."""
+    from flux2_lora_core.cache.index import open_latent_cache
+
+    root = training_files("klein", 4)
+    common = [f"model.path={root / 'model'}", f"data.path={root / 'data'}", "data.resolution=64,96",
+              "data.flip=true"]
+    printed = run(["cache", *common, f"cache.dir={tmp_path / 'two'}"], ranks=2).stdout
+    run(["cache", *common, f"cache.dir={tmp_path / 'one'}"])
+    two, one = (open_latent_cache(next((tmp_path / name).iterdir())) for name in ("two", "one"))
+    assert "cached 4 images" in printed and printed.count("cached") == 1                      # rank 0 reports
+    assert "latents: 16 encoded, 0 reused" in printed                                          # all ranks' work
+    for cache in (two, one):
+        assert len(list(cache._latents.folder.glob("*.safetensors"))) == len(cache._latents.shards)  # no leftovers
+    assert len(two._latents.shards) >= 2 and len(two._texts.shards) >= 2   # both ranks wrote shards
+    assert len(one._latents.shards) == 1
+    assert two._latents.entries.keys() == one._latents.entries.keys() and len(two._latents.entries) == 16
+    assert two._texts.entries.keys() == one._texts.entries.keys()
+    for key in one._latents.entries:
+        assert torch.allclose(two._latents.get(key), one._latents.get(key), atol=1e-6), key
+    for key in one._texts.entries:
+        assert torch.allclose(two._texts.get(key), one._texts.get(key), atol=1e-6), key
+    assert two.fingerprint == one.fingerprint
+    again = run(["cache", *common, f"cache.dir={tmp_path / 'two'}"], ranks=2).stdout
+    assert "latents: 0 encoded, 16 reused" in again and "captions: 0 encoded" in again, again
