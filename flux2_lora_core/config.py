@@ -228,6 +228,8 @@ class TrainConfig(_Section):
                                          "the device's free memory without it", choices=("auto", "true", "false"),
                                          aliases={"on": "true", "off": "false"})
     compile: bool = option(False, "torch.compile each transformer block")
+    fsdp: bool = option(False, "under torchrun: shard the frozen base over the ranks (FSDP2), so a model too big "
+                        "for one GPU trains on several; off: every rank holds the whole base")
     profile_steps: int = option(0, "write a torch.profiler trace of this many steps (after 2 warm-up steps)", min=0)
     prefetch_batches: int = option(2, "micro-batches a background thread reads ahead from the latent cache on a GPU "
                                    "(pinned on CUDA, for non-blocking copies; on the CPU it would only compete with "

@@ -96,6 +96,8 @@ def lora_state_dict(transformer, adapter_name: str = "default") -> dict[str, tor
     from peft import get_peft_model_state_dict
 
     state = get_peft_model_state_dict(transformer, adapter_name=adapter_name)
+    # A base sharded over torchrun's ranks (training/sharding.py) holds DTensors: gathered whole, on every rank.
+    state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in state.items()}
     return {k: v.detach().to(device="cpu", dtype=torch.float32, copy=True).contiguous() for k, v in state.items()}
 
 

@@ -56,6 +56,12 @@ class Ranks:
         start = self.rank * base + min(self.rank, extra)
         return slice(start, start + base + (self.rank < extra))
 
+    def rows(self, count: int, *, padded: bool = False) -> slice:
+        """`share`, except that with `padded` (a sharded base: every rank must run every block) an empty share
+        becomes the batch's first sample, which micro_step then weighs 0."""
+        share = self.share(count)
+        return slice(0, 1) if padded and share.start == share.stop and count else share
+
 
 SINGLE = Ranks()
 _host_group = None               # a gloo group for host-side agreement, so it never waits on a GPU stream

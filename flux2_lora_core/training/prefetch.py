@@ -172,7 +172,7 @@ def prefetcher_for(s) -> Prefetcher | None:
         return None
     plan = upcoming(s.streams, s.step, t.steps, s.config.data.resolution, t.gradient_accumulation)
     if s.ranks.many:   # this rank's share of each global batch (distributed.py); none of a batch it has no share in
-        plan = ((resolution, mine) for resolution, batch in plan for mine in [batch[s.ranks.share(len(batch))]]
-                if mine)
+        plan = ((resolution, mine) for resolution, batch in plan
+                for mine in [batch[s.ranks.rows(len(batch), padded=s.sharded)]] if mine)
     return Prefetcher(s.cache, plan, dtype=s.dtype, device=s.device, flip=s.config.data.flip,
                       depth=t.prefetch_batches)

@@ -20,6 +20,7 @@ import torch
 
 from ..checkpoints import prune_checkpoints, write_checkpoint
 from ..errors import CheckpointError
+from .sharding import full, is_sharded, shard_like, shard_optimizer_state
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ STATE_FORMAT = 1
 def _split(value, tensors: dict, prefix: str):
     """A nested state with tensors replaced by {"tensor": key}, the tensors collected into `tensors`."""
     if isinstance(value, torch.Tensor):
+        value = full(value)   # a sharded optimizer state (sharding.py) is saved whole, on every rank
         tensors[prefix] = value.detach().to("cpu", copy=True).contiguous()
         return {"tensor": prefix}
     if isinstance(value, dict):
@@ -79,7 +81,8 @@ def capture(s) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, object]]:
     rng_tensors, rng = _rng_state(s)
     state = {
         "format": STATE_FORMAT, "step": s.step, "total_steps": s.config.train.steps,
-        "streams": {str(r): {"epoch": st.epoch, "position": st.position} for r, st in s.streams.items()},
+        "streams": {str(r): {"epoch": st.epoch, "position": st.position, "batch": st.batch_size}
+                    for r, st in s.streams.items()},
         "optimizer": optimizer, "scheduler": s.scheduler.state_dict(),
         "scaler": s.scaler.state_dict() if s.scaler else None, "rng": rng,
         "smoothed_loss": s.metrics.smoothed_loss(), "variant": s.variant.name, "lora_targets": s.targets,
@@ -115,7 +118,7 @@ def restore(s, tensors: dict, documents: dict) -> None:
 
 
 def _restore(s, tensors: dict, state: dict) -> None:
-    from peft import set_peft_model_state_dict
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
     # Fresh copies made here, where autograd is on: tensors read under a host's inference_mode (ComfyUI reads
     # the checkpoint before training starts) could not be updated in place by the optimizer.
@@ -127,11 +130,16 @@ def _restore(s, tensors: dict, state: dict) -> None:
     if state["optimizer_class"] != type(s.optimizer).__name__:
         raise CheckpointError(f"the checkpoint's optimizer is {state['optimizer_class']}, this run builds "
                               f"{type(s.optimizer).__name__}: keep train.optimizer as it was to resume")
+    if is_sharded(s.transformer):   # the checkpoint's full tensors, cut as this run's ranks hold them
+        like = get_peft_model_state_dict(s.transformer)
+        tensors["adapter"] = {k: shard_like(v, like.get(k)) for k, v in tensors["adapter"].items()}
     result = set_peft_model_state_dict(s.transformer, tensors["adapter"])
     if getattr(result, "unexpected_keys", None):
         raise CheckpointError(f"the checkpoint's LoRA has layers this model lacks: {result.unexpected_keys[:3]}")
     optimizer = _join(state["optimizer"], tensors["optimizer"])
     optimizer["state"] = {int(k): v for k, v in optimizer["state"].items()}
+    if is_sharded(s.transformer):
+        optimizer = shard_optimizer_state(optimizer, s.optimizer)
     s.optimizer.load_state_dict(optimizer)
     s.scheduler.load_state_dict(state["scheduler"])
     _apply_changed_settings(s)
@@ -139,9 +147,24 @@ def _restore(s, tensors: dict, state: dict) -> None:
         s.scaler.load_state_dict(state["scaler"])
     for resolution, place in state["streams"].items():
         if int(resolution) in s.streams:
-            s.streams[int(resolution)].seek(place["epoch"], place["position"])
+            stream = s.streams[int(resolution)]
+            stream.seek(place["epoch"], _position(place, stream.batch_size, s.ranks.world))
     _restore_rng(s, tensors["rng"], state["rng"])
     s.step = int(state["step"])
+
+
+def _position(place: dict, batch: int, world: int) -> int:
+    """Where a resumed stream goes on in its epoch. The data position is (epoch, batches into it) of the global
+    batch, train.batch_size x ranks: a run resumed on another number of ranks with the same global batch (e.g. 2
+    ranks x 1 -> 1 x 2) continues exactly. With another global batch the epoch's batches are cut differently: it
+    goes on as many samples into the epoch as it had seen, and is not exact."""
+    saved = int(place.get("batch", batch))
+    if saved == batch:
+        return int(place["position"])
+    log.warning("the checkpoint's global batch was %d samples, this run's is %d (train.batch_size x %d ranks): "
+                "continuing at the same point of the epoch, but not exactly as the run would have gone on; set "
+                "train.batch_size so that it times the ranks is %d to continue exactly", saved, batch, world, saved)
+    return round(int(place["position"]) * saved / batch)
 
 
 def _apply_changed_settings(s) -> None:
@@ -155,11 +178,17 @@ def _apply_changed_settings(s) -> None:
     s.scheduler._last_lr = [group["lr"] for group in s.optimizer.param_groups]
 
 
-def save_checkpoint(s) -> Path:
-    """checkpoints/step_NNNNNN: written atomically and verified; older ones pruned (checkpoint.keep + best)."""
+def save_checkpoint(s) -> Path | None:
+    """checkpoints/step_NNNNNN: written atomically and verified; older ones pruned (checkpoint.keep + best).
+    Every rank calls it; rank 0 writes (a sharded run's ranks first gather the state together), the others
+    return None."""
     from ..lora_files import lora_metadata, to_format
 
+    if not s.ranks.main and not s.sharded:
+        return None
     tensors, documents = capture(s)
+    if not s.ranks.main:
+        return None
     c = s.config
     tensors[f"{c.output.name}-step{s.step}"] = to_format(tensors["adapter"], fmt="comfyui", rank=c.lora.rank, alpha=c.lora.alpha)
     documents["lora_metadata"] = lora_metadata(variant=s.variant.name, rank=c.lora.rank, alpha=c.lora.alpha,

@@ -39,6 +39,7 @@ from .model_setup import prepare_model
 from .optimization import make_optimizer
 from .prefetch import Prefetcher, prefetcher_for
 from .run_folder import new_run_dir, write_run_json
+from .sharding import check_sharding, full, shard_transformer
 from .state import save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ class Session:
     losses: deque = field(default_factory=lambda: deque(maxlen=LOSS_HISTORY))   # bounded (audit 2.1)
     samples: list[Path] = field(default_factory=list)
     ranks: distributed.Ranks = distributed.SINGLE   # torchrun's processes: this one's place (distributed.py)
+    sharded: bool = False                           # the base is sharded over the ranks (sharding.py)
 
 
 def _sample_prompts(config: Config, cache) -> tuple[list[str], list[torch.Tensor]]:
@@ -106,6 +108,8 @@ def setup(config: Config, callbacks: Callbacks, encoders=None, transformer=None,
     from ..models import load_transformer, resolve_sources, weights_fingerprint
 
     check_training_config(config, run_dir=resume[0] if resume else None)   # every path, before anything loads
+    if config.train.fsdp:
+        check_sharding(config)
     t, given = config.train, transformer is not None
     device = choose_device(config.model.device)
     ranks, device = distributed.join(device)
@@ -163,6 +167,11 @@ def _finish_setup(config, callbacks, cache, encoders, transformer, variant, targ
 
     data, t = config.data, config.train
     autocast_dtype, scaler = prepare_model(config, transformer, device, dtype)   # model_setup.py
+    sharded = t.fsdp and ranks.many
+    if sharded:
+        shard_transformer(transformer)   # before the optimizer: it holds each rank's rows of the LoRA
+    elif t.fsdp:
+        log.info("train.fsdp: one process, so nothing to shard")
     params = trainable_parameters(transformer)
     optimizer = make_optimizer(params, t)
     scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps,
@@ -172,7 +181,8 @@ def _finish_setup(config, callbacks, cache, encoders, transformer, variant, targ
     streams = {r: BatchStream(cache, r, t.batch_size * ranks.world, t.seed) for r in data.resolution}
     session = Session(config, run_dir, cache, encoders, transformer, variant, targets, optimizer, scheduler, scaler,
                       autocast_dtype, device, dtype, streams, torch.Generator("cpu").manual_seed(t.seed),
-                      PositionIds(), MetricsLog(None), prompts, embeds, base_fingerprint, ranks=ranks)
+                      PositionIds(), MetricsLog(None), prompts, embeds, base_fingerprint, ranks=ranks,
+                      sharded=sharded)
     if resume:
         from .state import restore
 
@@ -198,7 +208,7 @@ def micro_batch(s: Session, indices: list[int], resolution: int,
     draws = torch.rand(2, len(indices), generator=s.generator)          # for the global batch: ranks stay in step
     flips = draws[0] < 0.5 if s.config.data.flip else torch.zeros(len(indices), dtype=torch.bool)
     dropped = draws[1] < s.config.train.caption_dropout
-    share = s.ranks.share(len(indices))
+    share = s.ranks.rows(len(indices), padded=s.sharded)
     indices, flips, dropped = indices[share], flips[share], dropped[share]
     if not indices:   # this rank has no sample of this (short) batch: its draws are made, nothing to read
         return None, None
@@ -221,14 +231,15 @@ def to_device(s: Session, tensor: torch.Tensor, dtype: torch.dtype | None = None
 
 
 def micro_step(s: Session, indices: list[int], resolution: int, scale: float,
-               batches: Prefetcher | None = None) -> torch.Tensor:
+               batches: Prefetcher | None = None, sync: bool = True) -> torch.Tensor:
     """Forward and backward of this rank's share of one micro-batch; returns its loss weighted by that share (a
     detached device scalar; the ranks' values sum to the global batch's loss). A rank whose share is empty draws
-    the same random numbers and computes nothing."""
+    the same random numbers and computes nothing (with a sharded base it computes its stand-in sample, weighed 0:
+    its blocks' collectives must run)."""
     t = s.config.train
     count = len(indices)
     mine = len(indices[s.ranks.share(count)])
-    if not mine:
+    if not mine and not s.sharded:
         shape = s.cache.latent(indices[0], resolution).shape                  # (128, h, w) of the global batch
         micro_batch(s, indices, resolution, batches)                           # its draws, and no read
         torch.randn((count, *shape), generator=s.generator)
@@ -236,7 +247,7 @@ def micro_step(s: Session, indices: list[int], resolution: int, scale: float,
                       logit_std=t.logit_std)
         return torch.zeros((), device=s.device)
     x0, text = micro_batch(s, indices, resolution, batches)              # (b, 128, h, w), (b, L, D): this rank's
-    share = s.ranks.share(count)
+    share = s.ranks.rows(count, padded=s.sharded)
     noise = to_device(s, torch.randn((count, *x0.shape[1:]), generator=s.generator)[share], s.dtype)
     sigmas = sample_sigmas(count, method=t.timestep_sampling, generator=s.generator, logit_mean=t.logit_mean,
                            logit_std=t.logit_std)[share]                # (b,)
@@ -251,6 +262,8 @@ def micro_step(s: Session, indices: list[int], resolution: int, scale: float,
                              txt_ids=txt_ids, guidance=guidance, weighting=t.loss_weighting)
     weighted = loss * (mine / count)
     scaled = weighted * scale
+    if s.sharded:   # reduce-scatter the gradients once per optimizer step, not after every micro-batch
+        s.transformer.set_requires_gradient_sync(sync)
     (s.scaler.scale(scaled) if s.scaler else scaled).backward()
     return weighted.detach()
 
@@ -258,15 +271,15 @@ def micro_step(s: Session, indices: list[int], resolution: int, scale: float,
 def optimizer_step(s: Session, want_norm: bool) -> torch.Tensor | None:
     """Unscale, clip, step; the gradient norm only when clipping needs it anyway or it will be logged."""
     t, params = s.config.train, trainable_parameters(s.transformer)
-    distributed.sum_gradients(s.ranks, params)   # once per optimizer step, accumulation included
+    if not s.sharded:   # a sharded base's gradients were reduce-scattered in backward
+        distributed.sum_gradients(s.ranks, params)   # once per optimizer step, accumulation included
     if s.scaler:
         s.scaler.unscale_(s.optimizer)
     norm = None
     if t.max_grad_norm > 0:
-        norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+        norm = full(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm))
     elif want_norm:
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params
-                                                     if p.grad is not None]))
+        norm = full(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
     if s.scaler:
         scale = s.scaler.get_scale()
         s.scaler.step(s.optimizer)
@@ -286,13 +299,15 @@ def sample(s: Session, callbacks: Callbacks) -> None:
     from .sampling import generate, save_samples
 
     c = s.config.sample
-    if not c.steps or not s.ranks.main:  # sample.steps=0: off; other ranks than 0 never sample
+    if not c.steps or not (s.ranks.main or s.sharded):  # sample.steps=0: off; other ranks help only a sharded base
         return
     callbacks.on_phase("sampling")
     size = c.resolution or s.config.data.resolution[-1]
     with s.encoders.vae() as vae:
         images = generate(s.transformer, vae, s.variant.family, s.sample_embeds, s.cache.text(None), size=size,
                           steps=c.steps, guidance=c.guidance, seed=c.seed, dtype=s.dtype)
+    if not s.ranks.main:
+        return
     paths = save_samples(images, s.run_dir / "samples", s.step)
     s.samples += paths
     callbacks.on_sample(s.step, paths)
@@ -318,8 +333,8 @@ def train_loop(s: Session, callbacks: Callbacks) -> bool:
             tick = time.perf_counter()
             resolution = resolution_at(s.step, s.config.data.resolution, t.steps)
             lr = s.scheduler.get_last_lr()[0]
-            step_loss = sum(micro_step(s, s.streams[resolution].next(), resolution, 1 / accumulation, batches)
-                            for _ in range(accumulation)) / accumulation
+            step_loss = sum(micro_step(s, s.streams[resolution].next(), resolution, 1 / accumulation, batches,
+                                       sync=i == accumulation - 1) for i in range(accumulation)) / accumulation
             s.step += 1
             log_now = s.step % t.log_every == 0 or s.step == t.steps
             norm = optimizer_step(s, want_norm=log_now)
@@ -338,8 +353,8 @@ def train_loop(s: Session, callbacks: Callbacks) -> bool:
                                          s.metrics.smoothed_loss(), peak_memory_mb(s.device), logged))
             if s.config.sample.every and s.step % s.config.sample.every == 0 and s.step < t.steps:
                 sample(s, callbacks)
-            if checkpoint_now and s.step < t.steps and s.ranks.main:
-                save_checkpoint(s)
+            if checkpoint_now and s.step < t.steps:
+                save_checkpoint(s)   # rank 0 writes; a sharded run's ranks gather the state for it first
         return False
     finally:
         if batches is not None:
@@ -372,9 +387,9 @@ def _log(s: Session, pending, norm) -> list[float]:
 
 
 # ---------------------------------------------------------------------------------------------- save
-def save(s: Session, path: Path | None = None) -> Path:
+def save(s: Session, path: Path | None = None, lora: dict | None = None) -> Path:
     """The LoRA in ComfyUI-native form (loads in diffusers too) with its metadata: lora/<name>.safetensors
-    unless `path` is given."""
+    unless `path` is given. `lora`: its peft tensors when already gathered (a sharded base)."""
     from ..lora_files import lora_metadata, lora_state_dict, save_lora
 
     c = s.config
@@ -385,8 +400,9 @@ def save(s: Session, path: Path | None = None) -> Path:
                "text_conditioning": c.model.text_conditioning, "name": c.output.name, "lr": c.train.lr,
                "batch_size": c.train.batch_size, "images": len(s.cache), "seed": c.train.seed,
                "family": s.variant.family, "max_steps": c.train.steps})
-    path = save_lora(path or s.run_dir / "lora" / f"{c.output.name}.safetensors", lora_state_dict(s.transformer),
-                     fmt="comfyui", rank=c.lora.rank, alpha=c.lora.alpha, metadata=metadata)
+    tensors = lora if lora is not None else lora_state_dict(s.transformer)
+    path = save_lora(path or s.run_dir / "lora" / f"{c.output.name}.safetensors", tensors, fmt="comfyui",
+                     rank=c.lora.rank, alpha=c.lora.alpha, metadata=metadata)
     log.info("LoRA written to %s", path)
     return path
 
@@ -433,9 +449,13 @@ def train(config: Config, callbacks: Callbacks | None = None, *, encoders=None, 
                 return TrainingResult(s.run_dir, None, s.step, True, [], [], None)
             callbacks.on_phase("saving")
             lora_path = curves = None
+            save_checkpoint(s)        # at the end, or where a stop request ended the run: resumable either way
+            if s.sharded:
+                from ..lora_files import lora_state_dict
+
+                lora = lora_state_dict(s.transformer)   # gathered by every rank, written by rank 0
             if s.ranks.main:          # the only rank that writes
-                save_checkpoint(s)    # at the end, or where a stop request ended the run: resumable either way
-                lora_path = save(s)
+                lora_path = save(s, lora=lora if s.sharded else None)
                 curves = plot_training_curves(s.run_dir / "metrics.jsonl", s.run_dir / "training_curves.png",
                                               title=f"{config.output.name} ({s.variant.name})")
             if not stopped:

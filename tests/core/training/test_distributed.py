@@ -101,3 +101,49 @@ def test_two_ranks_fill_the_cache_together_as_one_process_would(training_files, 
     assert two.fingerprint == one.fingerprint
     again = run(["cache", *common, f"cache.dir={tmp_path / 'two'}"], ranks=2).stdout
     assert "latents: 0 encoded, 16 reused" in again and "captions: 0 encoded" in again, again
+
+
+def test_a_base_sharded_over_two_ranks_trains_the_same_lora_and_resumes_on_any_count(training_files, tmp_path):
+    """train.fsdp: FSDP2 fully_shard over the blocks, on 2 gloo ranks. The same LoRA as one process on the same
+    global batch (accumulated over 2 micro-batches, so gradients reduce-scatter once per step; buckets on, so a
+    rank sometimes has no sample and runs a stand-in weighed 0). Its checkpoints hold full tensors: the 2-rank
+    run resumes in 1 process, and a 1-process run resumes sharded over 2 ranks, each to the straight run's LoRA.
+    Samples are drawn by both ranks together and saved once."""
+    root = training_files("klein", 4)
+    common = [f"model.path={root / 'model'}", f"data.path={root / 'data'}", "data.resolution=64",
+              f"cache.dir={root / 'cache'}", "lora.rank=4", "train.steps=4", "train.lr=1e-3", "train.log_every=1",
+              "sample.steps=0", "checkpoint.every=2", "train.timestep_sampling=uniform",
+              "train.gradient_accumulation=2"]
+    run(["train", *common, f"output.dir={tmp_path / 'one'}", "train.batch_size=2"])
+    run(["train", *common, f"output.dir={tmp_path / 'two'}", "train.batch_size=1", "train.fsdp=true",
+         "sample.steps=2"], ranks=2)
+
+    def lora(name):
+        return load_file(tmp_path / name / "flux2_lora" / "lora" / "flux2_lora.safetensors")
+
+    def assert_same(a, b):
+        assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+
+    one, two = lora("one"), lora("two")
+    assert_same(two, one)
+    assert max(float(v.abs().max()) for v in two.values()) > 1e-4
+    assert len(list((tmp_path / "two" / "flux2_lora" / "samples").glob("*.png"))) == 2     # saved by rank 0 only
+    # 2 sharded ranks -> 1 process, from step 2; and 1 process -> 2 sharded ranks, from step 2: the same global
+    # batch (train.batch_size x ranks) continues exactly.
+    checkpoints = {name: tmp_path / name / "flux2_lora" / "checkpoints" / "step_000002" for name in ("one", "two")}
+    for name, ranks, extra in (("two", 1, ["train.batch_size=2"]),
+                               ("one", 2, ["train.batch_size=1", "train.fsdp=true"])):
+        resumed = tmp_path / f"from-{name}"
+        run(["resume", str(checkpoints[name]), "--output", str(resumed), *extra], ranks=ranks)
+        assert_same(load_file(next(resumed.rglob("lora/flux2_lora.safetensors"))), one)
+
+
+@pytest.mark.parametrize("setting", ["model.blocks_to_swap=2", "model.quantization=nf4"])
+def test_sharding_refuses_by_name_what_it_cannot_be_combined_with(setting):
+    from flux2_lora_core.config import load_config
+    from flux2_lora_core.errors import ConfigError
+    from flux2_lora_core.training.sharding import check_sharding
+
+    with pytest.raises(ConfigError) as error:
+        check_sharding(load_config(None, ["train.fsdp=true", setting]))
+    assert error.value.problems[0][0] == "train.fsdp" and setting.split("=")[0] in error.value.problems[0][1]
