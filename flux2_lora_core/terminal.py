@@ -170,6 +170,7 @@ def report_training(result) -> None:
     if result.stopped_early:
         print(f"  resume:  {command_name()} resume {shlex.quote(str(result.run_dir))}")
     print(f"  LoRA:    {result.lora_path}")
+    print(f"  config:  {result.run_dir / 'config.yaml'} (runs it again; on a cluster too: see its header)")
     print(f"  curves:  {result.curves}")
     if result.samples:   # on resume, the whole run's (resume.earlier_samples)
         count = len(result.samples)

@@ -124,8 +124,11 @@ class ComfyProgress:
             head = f"stopped at step {result.steps}; checkpoint saved; resume: {run}"
         else:
             head = f"{result.steps} steps"
+        from ..flux2_lora_core.training import cluster_command
+
         where = os.path.relpath(result.run_dir, folder_paths.get_output_directory())
         summary = "\n".join([head, f"LoRA: {lora or '-'}", f"run folder: output/{where}",
+                             f"on a cluster (same files): {cluster_command(f'output/{where}/config.yaml')}",
                              f"final loss: {final:.4g}" if final is not None else "final loss: -",
                              f"time: {time.monotonic() - self.started:.0f} s", *filter(None, [result.skipped])])
         phase = ("cancelled" if self.interrupted else "stopped") if result.stopped_early else "done"

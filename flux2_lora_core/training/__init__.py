@@ -10,6 +10,6 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "memory_plan": ("SPEED_ORDER", "format_plan", "plan_for_variant", "plan_memory", "settings_summary"),
     "metrics": ("read_metrics",),
     "model_fit": ("gpu_memory_gib", "model_note"),
-    "run_folder": ("new_run_dir",),
+    "run_folder": ("cluster_command", "new_run_dir"),
     "trainer": ("TrainingResult", "train"),
 })

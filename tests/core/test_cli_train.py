@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -37,6 +39,13 @@ def test_train_then_export_every_format(workspace, tmp_path):
     assert config["lora"]["rank"] == 2 and config["lora"]["alpha"] == 32.0 and config["data"]["flip"] is True
     assert config["sample"]["prompts"] == ["zxq ring, bold", "a ring: on teal"]
     assert len(list((run / "samples").glob("step_000003_*.png"))) == 2
+    # The run folder's config.yaml runs the same run again (what a cluster gets handed, with torchrun).
+    assert "torchrun --nproc-per-node N -m flux2_lora_core train --config config.yaml" in \
+        (run / "config.yaml").read_text()
+    again = cli("train", "--config", run / "config.yaml", f"output.dir={tmp_path / 'again'}", cwd=workspace)
+    assert again.returncode == 0, again.stderr
+    first, second = (load_file(where / "ring" / "lora" / "ring.safetensors") for where in (tmp_path, tmp_path / "again"))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
     for fmt in ("diffusers", "kohya"):
         done = cli("export", run, "--format", fmt, cwd=tmp_path)

@@ -116,6 +116,13 @@ def test_training_sends_live_events_with_phases_losses_samples_and_a_summary(com
     assert final["phase"] == "done" and (final["run"], final["lora"], final["step"]) == ("live", "live.safetensors",
                                                                                          steps)
     assert final["summary"].startswith(f"{steps} steps\nLoRA: live.safetensors\nrun folder: output/flux2_lora/live")
+    handoff = "on a cluster (same files): torchrun --nproc-per-node N -m flux2_lora_core train --config " \
+              "output/flux2_lora/live/config.yaml output.dir=runs"
+    assert handoff in final["summary"], final["summary"]
+    run = comfyui.base / "output" / "flux2_lora" / "live"      # the config it names is this run's, loadable as is
+    from flux2_lora_core.config import load_config
+
+    assert load_config(run / "config.yaml", []).to_dict() == json.loads((run / "run.json").read_text())["config"]
     assert str(comfyui.base) not in json.dumps(train)                     # the browser never gets a server path
     assert entry["outputs"][TRAIN]["text"] == [final["summary"]]
     assert entry["outputs"][SAVE]["text"] == ["saved as live.safetensors: Load LoRA lists it under that name"]
