@@ -113,6 +113,16 @@ class ModelConfig(_Section):
                                             "under none", choices=("none", "fp8", "int8", "nf4"))
     text_conditioning: str = option("comfyui", "comfyui | diffusers: whose prompt encoding the LoRA is trained on",
                                     choices=("comfyui", "diffusers"))
+    distilled: str = option("auto", "auto | true | false: whether a [klein] base is the step-distilled checkpoint "
+                            "(sampled in 4 steps without CFG; LoRAs train poorly on it); auto: from a diffusers "
+                            "folder's model_index.json, else the file name (flux-2-klein-4b vs flux-2-klein-base-4b)",
+                            choices=("auto", "true", "false"), aliases={"on": "true", "off": "false"})
+
+
+def _fraction(value: float) -> float:
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{value!r} must be at least 0 and below 1")
+    return value
 
 
 @dataclass(frozen=True)
@@ -140,6 +150,9 @@ class DataConfig(_Section):
     confine_to: tuple[str, ...] = option((), f"read dataset files only inside these folders ('{os.pathsep}'-separated; "
                                          "links leading out are skipped); empty: anywhere", sep=os.pathsep,
                                          check=_absolute_folders)
+    validation_split: float = option(0.0, "fraction of the images held out of training to measure a validation loss "
+                                     "on (every train.validate_every steps; it then picks the best checkpoint); "
+                                     "0: none", check=_fraction)
 
 
 @dataclass(frozen=True)
@@ -168,12 +181,6 @@ class OutputConfig(_Section):
     name: str = option("flux2_lora", "run and LoRA file name (no folder separators)", check=_file_name)
 
 
-def _fraction(value: float) -> float:
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"{value!r} must be at least 0 and below 1")
-    return value
-
-
 def _positive(value: float) -> float:
     if value <= 0:
         raise ValueError(f"{value!r} must be above 0")
@@ -191,6 +198,8 @@ class LoraConfig(_Section):
                           check=_positive)
     dropout: float = option(0.0, "dropout on the LoRA input, 0 to 0.5", check=_fraction)
     targets: str = option("attention_mlp", "attention | attention_mlp | module names 'to_q,to_k' | 'regex:<pattern>'")
+    init_from: str = option("", "a LoRA .safetensors to continue training (ComfyUI, diffusers or kohya keys): its "
+                            "rank and alpha replace lora.rank/alpha, its layers start as trained; empty: a new LoRA")
 
 
 SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -228,6 +237,9 @@ class TrainConfig(_Section):
                                          "the device's free memory without it", choices=("auto", "true", "false"),
                                          aliases={"on": "true", "off": "false"})
     compile: bool = option(False, "torch.compile each transformer block")
+    ema_decay: float = option(0.0, "also keep an exponential moving average of the LoRA weights, saved as "
+                              "<name>_ema.safetensors (0.99-0.999 typical: smoother than the last step); 0: off",
+                              check=_fraction)
     fsdp: bool = option(False, "under torchrun: shard the frozen base over the ranks (FSDP2), so a model too big "
                         "for one GPU trains on several; off: every rank holds the whole base")
     profile_steps: int = option(0, "write a torch.profiler trace of this many steps (after 2 warm-up steps)", min=0)
@@ -236,6 +248,8 @@ class TrainConfig(_Section):
                                    "the step); 0: each step reads its own", min=0)
     seed: int = option(42, "seed for LoRA init, data order, noise and timesteps: same seed, same run")
     log_every: int = option(10, "write metrics (and the gradient norm) every N steps", min=1)
+    validate_every: int = option(100, "measure the validation loss every N steps (and at the end), when "
+                                 "data.validation_split holds images out", min=1)
 
 
 @dataclass(frozen=True)

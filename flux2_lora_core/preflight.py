@@ -35,6 +35,8 @@ def training_problems(config: Config, *, run_dir=None) -> list[tuple[str, str]]:
                                                "the learning rate would never reach train.lr"))
     if t.warmup_steps and t.lr_scheduler == "constant":
         problems.append(("train.lr_scheduler", "'constant' ignores train.warmup_steps: use constant_with_warmup"))
+    if config.lora.init_from and not Path(config.lora.init_from).is_file():
+        problems.append(("lora.init_from", f"{config.lora.init_from!r} is not a file: give a LoRA .safetensors"))
     targets = config.lora.targets.strip()
     if not targets:
         problems.append(("lora.targets", "empty: use attention_mlp (default), attention, names or 'regex:...'"))

@@ -263,7 +263,7 @@ def newest_intact(path) -> tuple[Path, list[tuple[Path, str]]]:
 def prune_checkpoints(checkpoints_dir, *, keep: int, keep_best: bool = True, max_age_days: float = 0.0,
                       protect: Path | None = None) -> list[Path]:
     """Remove checkpoints; returns the removed ones. Kept: the newest `keep` undamaged ones, the one with the lowest
-    finite state.json "smoothed_loss" (`keep_best`) and `protect`. With keep >= 1 every other one is removed;
+    finite state.json "validation_loss" (where there is one; else "smoothed_loss") (`keep_best`) and `protect`. With keep >= 1 every other one is removed;
     keep=0 sets no count limit, and then only those whose manifest is older than `max_age_days` (> 0) go.
     "Undamaged" here is the cheap check (manifest, file sizes, state.json's hash); verify before resuming."""
     if keep < 0:
@@ -273,8 +273,9 @@ def prune_checkpoints(checkpoints_dir, *, keep: int, keep_best: bool = True, max
     found = [p for p in find_checkpoints(folder) if not p.name.endswith(".replaced")]
     states = {p: _quick_state(p) for p in found}  # None: damaged
     kept = set([p for p in found if states[p] is not None][-keep:] if keep else [])
-    losses = [(s["smoothed_loss"], p) for p, s in states.items() if isinstance(s, dict)
-              and isinstance(s.get("smoothed_loss"), (int, float)) and math.isfinite(s["smoothed_loss"])]
+    # The best: the lowest held-out validation loss where the run measured one, else the lowest smoothed loss.
+    judged = "validation_loss" if any(_finite(s, "validation_loss") for s in states.values()) else "smoothed_loss"
+    losses = [(s[judged], p) for p, s in states.items() if _finite(s, judged)]
     if keep_best and losses:
         kept.add(min(losses)[1])
     kept |= {p for p in found if protect is not None and p.resolve() == Path(protect).resolve()}
@@ -287,6 +288,10 @@ def prune_checkpoints(checkpoints_dir, *, keep: int, keep_best: bool = True, max
             _remove(p)
             removed.append(p)
     return removed
+
+
+def _finite(state, key: str) -> bool:
+    return isinstance(state, dict) and isinstance(state.get(key), (int, float)) and math.isfinite(state[key])
 
 
 def _quick_state(folder: Path) -> dict | None:

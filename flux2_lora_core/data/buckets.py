@@ -95,8 +95,11 @@ def bucket_batches(groups: dict, repeats, batch_size: int, *, seed: int, epoch: 
 class BatchStream:
     """Batches of one resolution's buckets, epoch after epoch; (epoch, position) is the whole state."""
 
-    def __init__(self, cache, resolution: int, batch_size: int, seed: int):
-        self.groups = cache.bucket_members(resolution)
+    def __init__(self, cache, resolution: int, batch_size: int, seed: int, exclude=()):
+        """`exclude`: cache indices never drawn (the images held out for validation)."""
+        left_out = set(exclude)
+        self.groups = {bucket: kept for bucket, members in cache.bucket_members(resolution).items()
+                       if (kept := [i for i in members if i not in left_out])}
         self.repeats = [item.repeats for item in cache.items]
         self.batch_size, self.seed = batch_size, seed
         self.epoch, self.position = 0, 0

@@ -4,5 +4,5 @@ LoRA managers read. Above models/ (it follows the single-file key renames), belo
 from ..exports import lazy_exports
 
 __getattr__, __dir__, __all__ = lazy_exports(__name__, {
-    "export": ("export_lora", "lora_metadata", "lora_state_dict", "save_lora", "to_format"),
+    "export": ("export_lora", "lora_metadata", "lora_state_dict", "read_lora", "save_lora", "to_format"),
 })

@@ -13,5 +13,5 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "single_file": ("TRANSFORMER_RENAMES", "compile_template"),
     "sources": ("ModelSources", "locate_tokenizer", "resolve_sources"),
     "tiny_models": ("build_tiny_pipeline", "write_tiny_model"),
-    "variants": ("FAMILIES", "SHIPPED", "TEXT_LAYERS", "Variant", "detect_variant", "shipped_config"),
+    "variants": ("FAMILIES", "SHIPPED", "TEXT_LAYERS", "Variant", "detect_variant", "judge_distilled", "shipped_config"),
 })

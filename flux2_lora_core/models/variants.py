@@ -14,6 +14,7 @@ import logging
 from dataclasses import dataclass, field
 from importlib import resources
 from math import gcd
+from pathlib import Path
 
 from ..errors import ModelError
 from .files import count_blocks, identify
@@ -120,6 +121,27 @@ def _variant_from_config(config: dict, source: str = "") -> Variant:
         if all(shipped[k] == config[k] for k in IDENTITY):
             return Variant(name, fam, {**shipped, **config}, source)
     return Variant("custom", family, {**shipped_config(FAMILY_CONFIG[family], "transformer"), **config}, source)
+
+
+def judge_distilled(path, family: str, setting: str = "auto") -> tuple[bool, str]:
+    """(whether a [klein] transformer is the step-distilled checkpoint, how that was told). Distilled and base
+    klein share one architecture, so only the pipeline's model_index.json ("is_distilled") or the file's name
+    (BFL's and ComfyUI's: flux-2-klein-4b is distilled, flux-2-klein-base-4b the base) tell them apart."""
+    if family != "klein":
+        return False, ""
+    if setting != "auto":
+        return setting == "true", "model.distilled"
+    where = Path(str(path or ""))
+    for index in (where / "model_index.json", where.parent.parent / "model_index.json"):
+        if index.is_file():
+            try:
+                return bool(json.loads(index.read_text(encoding="utf-8")).get("is_distilled", False)), index.name
+            except (OSError, ValueError):
+                break
+    name = where.name.lower()
+    if "klein" in name and where.is_file():
+        return "base" not in name, f"the file name {where.name!r}"
+    return False, "no sign of distillation"
 
 
 def detect_variant(config_or_state_dict, source: str = "") -> Variant:

@@ -25,6 +25,7 @@ class StepReport:
     # (step, loss) of every step whose loss was read at this one (one device sync per logging interval): a live
     # chart gets each step's loss exactly once, however often it redraws.
     logged: tuple[tuple[int, float], ...] = ()
+    validation_loss: float | None = None   # measured at this step on the held-out images (validation.py), else None
 
 
 # The stages of a run, in the order `on_phase` announces them ("sampling" may also come between training steps).

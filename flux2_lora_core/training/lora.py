@@ -102,3 +102,59 @@ def add_lora(transformer: torch.nn.Module, *, rank: int, alpha: float, dropout: 
 
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
+
+
+# ---------------------------------------------------------------------------------------------- lora.init_from
+def read_initial_lora(path) -> tuple[dict[str, torch.Tensor], int, float]:
+    """(peft-named tensors, rank, alpha) of a LoRA to continue from, in any layout the exporters write (ComfyUI,
+    diffusers, kohya; another tool's file at the scale its loaders apply). One rank for every layer: a LoRA with
+    per-layer ranks cannot continue as one peft adapter."""
+    from ..errors import ExportError
+    from ..lora_files import read_lora
+
+    try:
+        state, rank, alpha, _ = read_lora(path)
+    except ExportError as exc:
+        raise ConfigError([("lora.init_from", str(exc))]) from None
+    ranks = sorted({int(t.shape[0]) for k, t in state.items() if k.endswith("lora_A.weight")})
+    if ranks != [rank]:
+        raise ConfigError([("lora.init_from", f"{path}: its layers have ranks {ranks}: only a LoRA of one rank can "
+                                              "be continued")])
+    return state, rank, alpha
+
+
+def load_initial_lora(transformer, state: dict[str, torch.Tensor], path, *, targets: str,
+                      adapter_name: str = "default") -> None:
+    """Put a read LoRA's layers into the freshly added adapter; layers the file lacks keep their new init (B = 0,
+    so they start at no change). ConfigError, naming a layer, when the file does not fit this model or targets."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    current = get_peft_model_state_dict(transformer, adapter_name=adapter_name)
+    problems = []
+    for key, tensor in state.items():
+        module = key.rsplit(".lora_", 1)[0]
+        if key not in current and _has_module(transformer, module):
+            problems.append(("lora.targets", f"{path} trains {module}, which lora.targets={targets!r} leaves out: "
+                                             "widen lora.targets (e.g. attention_mlp, or the file's own layers)"))
+        elif key not in current:
+            problems.append(("lora.init_from", f"{path}: layer {module} is not in this model: the LoRA was trained "
+                                               "for another FLUX.2 model"))
+        elif tensor.shape != current[key].shape:
+            problems.append(("lora.init_from", f"{path}: {key} is {tuple(tensor.shape)} but this model's is "
+                                               f"{tuple(current[key].shape)}: the LoRA was trained for another "
+                                               "FLUX.2 model"))
+    if problems:
+        raise ConfigError(problems[:5])
+    current.update({k: t.to(current[k].dtype) for k, t in state.items()})
+    set_peft_model_state_dict(transformer, current, adapter_name=adapter_name)
+    layers = len({k.rsplit(".lora_", 1)[0] for k in state})
+    fresh = len({k.rsplit(".lora_", 1)[0] for k in current}) - layers
+    log.info("LoRA continues from %s: %d layers as trained%s", path, layers, f", {fresh} new" if fresh else "")
+
+
+def _has_module(model, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False

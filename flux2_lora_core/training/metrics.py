@@ -184,9 +184,10 @@ def plot_training_curves(metrics_path, out_png, *, title: str = "") -> Path:
     and does not touch matplotlib's global backend. The PNG is written atomically.
     """
     columns: dict[str, tuple[list[int], list[float]]] = {key: ([], []) for key, _ in PANELS}
+    columns["validation_loss"] = ([], [])   # drawn on the loss panel
     bad_loss = 0
     for row in iter_metrics(metrics_path):
-        for key, _ in PANELS:
+        for key in columns:
             v = row.get(key)
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                 columns[key][0].append(row["step"])
@@ -206,6 +207,11 @@ def plot_training_curves(metrics_path, out_png, *, title: str = "") -> Path:
             ax.plot(steps, values, color="tab:blue", alpha=0.3, linewidth=0.8, label="per step")
             ax.plot(steps, centred_mean(values, max(1, min(50, len(values) // 40))), color="tab:blue", linewidth=1.8,
                     label="smoothed")
+            held_steps, held = columns["validation_loss"]
+            if held_steps:
+                ax.plot(held_steps, held, color="tab:red", linewidth=1.5, marker="o", markersize=3,
+                        label="validation (held out)")
+                values = values + held   # the log-scale test below sees both
             ax.legend(loc="upper right")
         else:
             ax.plot(steps, values, color={"lr": "tab:green", "grad_norm": "tab:orange"}.get(key, "tab:purple"),

@@ -67,7 +67,7 @@ def write_config(config: Config, run_dir: Path, *, world: int = 1) -> Path:
     header = [f"The resolved config of the run in {run_dir.name}. Run it again on the same files (same paths),",
               "in one process or on a cluster (torchrun, on every machine; --nnodes M --node-rank R",
               "--master-addr HOST for several machines):",
-              f"  flux2-lora train --config {path.name} output.dir=runs",
+              f"  python -m flux2_lora_core train --config {path.name} output.dir=runs",
               f"  {cluster_command(path.name)}",
               f"train.batch_size is per GPU: this run's global batch was {batch}; on N GPUs set train.batch_size",
               f"to {batch}/N to keep it (and the run's result). A bigger model: add train.fsdp=true."]

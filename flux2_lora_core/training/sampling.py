@@ -20,22 +20,25 @@ from ..models import free_memory, shipped_config
 log = logging.getLogger(__name__)
 
 _SCHEDULER_CONFIG = {"klein": "flux2-klein-4b", "dev": "flux2-dev"}
+DISTILLED_STEPS = 4   # what the step-distilled [klein] checkpoints are made for
 
 
-def build_pipeline(transformer, vae, family: str):
-    """A diffusers FLUX.2 pipeline without text encoder or tokenizer: prompts come as embeddings."""
+def build_pipeline(transformer, vae, family: str, distilled: bool = False):
+    """A diffusers FLUX.2 pipeline without text encoder or tokenizer: prompts come as embeddings. A distilled
+    [klein] pipeline ignores the guidance scale (no CFG pass), as diffusers' own does."""
     from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Pipeline
 
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(shipped_config(_SCHEDULER_CONFIG[family], "scheduler"))
     if family == "klein":
         return Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None,
-                                  transformer=transformer, is_distilled=False)
+                                  transformer=transformer, is_distilled=distilled)
     return Flux2Pipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, transformer=transformer)
 
 
 @torch.no_grad()
 def sample_tokens(transformer, vae, family: str, prompt_embeds: list[torch.Tensor], negative: torch.Tensor, *,
-                  size: int, steps: int, guidance: float, seed: int, dtype: torch.dtype) -> list[torch.Tensor]:
+                  size: int, steps: int, guidance: float, seed: int, dtype: torch.dtype,
+                  distilled: bool = False) -> list[torch.Tensor]:
     """The final denoised latent (1, h*w, 128) per prompt embedding (L, D), normalised as the transformer sees it.
 
     Each prompt starts from the same seed's noise, so samples compare across training steps. These tokens are
@@ -44,7 +47,7 @@ def sample_tokens(transformer, vae, family: str, prompt_embeds: list[torch.Tenso
     taken at the last step instead, exactly as the scheduler left them.
     """
     device = next(p.device for p in transformer.parameters())
-    pipe = build_pipeline(transformer, vae, family)
+    pipe = build_pipeline(transformer, vae, family, distilled)
     pipe.set_progress_bar_config(disable=True)
     was_training = transformer.training
     transformer.eval()
@@ -74,10 +77,13 @@ def sample_tokens(transformer, vae, family: str, prompt_embeds: list[torch.Tenso
 
 @torch.no_grad()
 def generate(transformer, vae, family: str, prompt_embeds: list[torch.Tensor], negative: torch.Tensor, *,
-             size: int, steps: int, guidance: float, seed: int, dtype: torch.dtype):
-    """One PIL image per prompt embedding (L, D): `sample_tokens`, decoded by the VAE."""
+             size: int, steps: int, guidance: float, seed: int, dtype: torch.dtype, distilled: bool = False):
+    """One PIL image per prompt embedding (L, D): `sample_tokens`, decoded by the VAE. A step-distilled [klein]
+    samples in DISTILLED_STEPS steps (at most `steps`) and without CFG, as it was distilled to."""
+    if distilled:
+        steps = min(steps, DISTILLED_STEPS)
     latents = sample_tokens(transformer, vae, family, prompt_embeds, negative, size=size, steps=steps,
-                            guidance=guidance, seed=seed, dtype=dtype)
+                            guidance=guidance, seed=seed, dtype=dtype, distilled=distilled)
     processor = build_pipeline(transformer, vae, family).image_processor  # the pipeline's own postprocessing
     images = []
     vae_param = next(vae.parameters())

@@ -20,6 +20,7 @@ import torch
 
 from ..checkpoints import prune_checkpoints, write_checkpoint
 from ..errors import CheckpointError
+from .ema import ema_state, restore_ema
 from .sharding import full, is_sharded, shard_like, shard_optimizer_state
 
 log = logging.getLogger(__name__)
@@ -85,12 +86,15 @@ def capture(s) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, object]]:
                     for r, st in s.streams.items()},
         "optimizer": optimizer, "scheduler": s.scheduler.state_dict(),
         "scaler": s.scaler.state_dict() if s.scaler else None, "rng": rng,
-        "smoothed_loss": s.metrics.smoothed_loss(), "variant": s.variant.name, "lora_targets": s.targets,
+        "smoothed_loss": s.metrics.smoothed_loss(), "validation_loss": s.validation_loss,
+        "variant": s.variant.name, "lora_targets": s.targets,
         "dataset_fingerprint": s.cache.fingerprint, "base_model_fingerprint": s.base_fingerprint,
-        "optimizer_class": type(s.optimizer).__name__,
+        "optimizer_class": type(s.optimizer).__name__, "ema_updates": s.ema.optimization_step if s.ema else None,
     }
     metrics = {key: s.metrics.recent(key) for key in ("loss", "lr", "step_time", "grad_norm")}
     tensors = {"adapter": lora_state_dict(s.transformer), "optimizer": optimizer_tensors, "rng": rng_tensors}
+    if s.ema:
+        tensors["ema"] = ema_state(s.ema)
     return tensors, {"state": state, "config": s.config.to_dict(), "metrics": metrics}
 
 
@@ -142,6 +146,8 @@ def _restore(s, tensors: dict, state: dict) -> None:
         optimizer = shard_optimizer_state(optimizer, s.optimizer)
     s.optimizer.load_state_dict(optimizer)
     s.scheduler.load_state_dict(state["scheduler"])
+    if s.ema:
+        restore_ema(s.ema, tensors.get("ema"), int(state.get("ema_updates") or 0))
     _apply_changed_settings(s)
     if s.scaler and state["scaler"]:
         s.scaler.load_state_dict(state["scaler"])

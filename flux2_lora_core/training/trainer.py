@@ -27,19 +27,22 @@ import torch
 from ..config import Config
 from ..data import BatchStream, resolution_at
 from ..errors import ConfigError, Flux2LoraError, TrainingDiverged
-from ..models import choose_device, choose_dtype, free_memory, peak_memory_mb, release
+from ..models import choose_device, choose_dtype, free_memory, judge_distilled, peak_memory_mb, release
 from ..preflight import check_training_config
 from . import distributed
 from .block_swap import unswap_blocks
 from .callbacks import Callbacks, StepReport
 from .flow_matching import PositionIds, sample_sigmas, shift_sigmas, training_loss
-from .lora import add_lora, trainable_parameters
+from .ema import ema_state, make_ema
+from .lora import add_lora, load_initial_lora, read_initial_lora, trainable_parameters
 from .metrics import MetricsLog, plot_training_curves, step_profiler
 from .model_setup import prepare_model
 from .optimization import make_optimizer
 from .prefetch import Prefetcher, prefetcher_for
 from .run_folder import new_run_dir, write_run_json
 from .sharding import check_sharding, full, shard_transformer
+from .sampling import DISTILLED_STEPS
+from .validation import validator_for
 from .state import save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -90,6 +93,10 @@ class Session:
     samples: list[Path] = field(default_factory=list)
     ranks: distributed.Ranks = distributed.SINGLE   # torchrun's processes: this one's place (distributed.py)
     sharded: bool = False                           # the base is sharded over the ranks (sharding.py)
+    ema: object = None                              # the LoRA's moving average, train.ema_decay (ema.py)
+    distilled: bool = False                         # a step-distilled [klein] base (models.judge_distilled)
+    validator: object = None                        # the held-out images' loss (validation.py), or None
+    validation_loss: float | None = None            # its latest value: the best checkpoint is chosen by it
 
 
 def _sample_prompts(config: Config, cache) -> tuple[list[str], list[torch.Tensor]]:
@@ -110,6 +117,13 @@ def setup(config: Config, callbacks: Callbacks, encoders=None, transformer=None,
     check_training_config(config, run_dir=resume[0] if resume else None)   # every path, before anything loads
     if config.train.fsdp:
         check_sharding(config)
+    initial = None
+    if config.lora.init_from and resume is None:   # read first: a file that cannot be continued fails fast
+        initial, rank, alpha = read_initial_lora(config.lora.init_from)
+        if (rank, alpha) != (config.lora.rank, config.lora.alpha):
+            log.info("lora.init_from: rank %d, alpha %g, as %s was trained (not lora.rank=%d, alpha=%g)", rank,
+                     alpha, config.lora.init_from, config.lora.rank, config.lora.alpha)
+            config = config.replace(lora={"rank": rank, "alpha": alpha})
     t, given = config.train, transformer is not None
     device = choose_device(config.model.device)
     ranks, device = distributed.join(device)
@@ -147,6 +161,12 @@ def setup(config: Config, callbacks: Callbacks, encoders=None, transformer=None,
         raise ConfigError([("model.path", f"the transformer is FLUX.2 [{variant.family}] but the latent cache was "
                                           f"encoded for [{cache.family}]: use matching files")])
     distributed.agree(ranks, {"config": config.to_dict(), "cache": cache.fingerprint, "model.path": base_fingerprint})
+    distilled, told = judge_distilled(config.model.path, variant.family, config.model.distilled)
+    if distilled:
+        log.warning("the base is the step-distilled FLUX.2 [klein] (told by %s): LoRAs train poorly on it (grey, "
+                    "washed-out results). Train on the base checkpoint (e.g. flux-2-klein-base-4b) and use the LoRA "
+                    "on either; samples here use %d steps and no CFG (set model.distilled=false if it is a base)",
+                    told, DISTILLED_STEPS)
     torch.manual_seed(t.seed)  # LoRA dropout draws from torch's global generator (forked by train())
     if getattr(transformer, "peft_config", None):
         raise ConfigError([("model.path", "the transformer given already has a LoRA adapter "
@@ -154,8 +174,12 @@ def setup(config: Config, callbacks: Callbacks, encoders=None, transformer=None,
     targets = add_lora(transformer, rank=config.lora.rank, alpha=config.lora.alpha, dropout=config.lora.dropout,
                        targets=config.lora.targets, seed=t.seed)
     try:
-        return _finish_setup(config, callbacks, cache, encoders, transformer, variant, targets, dtype, device,
-                             base_fingerprint, prompts, embeds, resume, ranks)
+        if initial:
+            load_initial_lora(transformer, initial, config.lora.init_from, targets=config.lora.targets)
+        session = _finish_setup(config, callbacks, cache, encoders, transformer, variant, targets, dtype, device,
+                                base_fingerprint, prompts, embeds, resume, ranks)
+        session.distilled = distilled
+        return session
     except BaseException:
         hand_back(transformer) if given else release(transformer)
         raise
@@ -178,11 +202,12 @@ def _finish_setup(config, callbacks, cache, encoders, transformer, variant, targ
                               num_training_steps=t.steps)
     run_dir = resume[0] if resume else distributed.broadcast(ranks, new_run_dir(config) if ranks.main else None)
     # One stream of global batches (train.batch_size per rank x ranks): every rank draws the same, trains its share.
-    streams = {r: BatchStream(cache, r, t.batch_size * ranks.world, t.seed) for r in data.resolution}
+    validator, held = validator_for(config, cache)
+    streams = {r: BatchStream(cache, r, t.batch_size * ranks.world, t.seed, exclude=held) for r in data.resolution}
     session = Session(config, run_dir, cache, encoders, transformer, variant, targets, optimizer, scheduler, scaler,
                       autocast_dtype, device, dtype, streams, torch.Generator("cpu").manual_seed(t.seed),
                       PositionIds(), MetricsLog(None), prompts, embeds, base_fingerprint, ranks=ranks,
-                      sharded=sharded)
+                      sharded=sharded, ema=make_ema(transformer, params, t.ema_decay), validator=validator)
     if resume:
         from .state import restore
 
@@ -290,6 +315,8 @@ def optimizer_step(s: Session, want_norm: bool) -> torch.Tensor | None:
         skipped = False
     if not skipped:
         s.scheduler.step()
+        if s.ema:
+            s.ema.step(params)
     s.optimizer.zero_grad(set_to_none=True)
     return norm.detach() if norm is not None and want_norm else None
 
@@ -305,7 +332,7 @@ def sample(s: Session, callbacks: Callbacks) -> None:
     size = c.resolution or s.config.data.resolution[-1]
     with s.encoders.vae() as vae:
         images = generate(s.transformer, vae, s.variant.family, s.sample_embeds, s.cache.text(None), size=size,
-                          steps=c.steps, guidance=c.guidance, seed=c.seed, dtype=s.dtype)
+                          steps=c.steps, guidance=c.guidance, seed=c.seed, dtype=s.dtype, distilled=s.distilled)
     if not s.ranks.main:
         return
     paths = save_samples(images, s.run_dir / "samples", s.step)
@@ -336,8 +363,11 @@ def train_loop(s: Session, callbacks: Callbacks) -> bool:
             step_loss = sum(micro_step(s, s.streams[resolution].next(), resolution, 1 / accumulation, batches,
                                        sync=i == accumulation - 1) for i in range(accumulation)) / accumulation
             s.step += 1
-            log_now = s.step % t.log_every == 0 or s.step == t.steps
+            validate_now = s.validator is not None and (s.step % t.validate_every == 0 or s.step == t.steps)
+            log_now = s.step % t.log_every == 0 or s.step == t.steps or validate_now
             norm = optimizer_step(s, want_norm=log_now)
+            if validate_now and (s.ranks.main or s.sharded):   # a sharded base needs every rank's forward
+                s.validation_loss = s.validator.loss(s)
             if profiler:
                 profiler.step()
             pending.append((s.step, step_loss, lr, time.perf_counter() - tick))
@@ -345,12 +375,15 @@ def train_loop(s: Session, callbacks: Callbacks) -> bool:
             logged = ()
             if log_now or checkpoint_now:   # a checkpoint's metrics.jsonl must hold every step before it
                 batch, pending = pending, []
-                logged = tuple(zip([step for step, *_ in batch], _log(s, batch, norm if log_now else None)))
+                logged = tuple(zip([step for step, *_ in batch],
+                                   _log(s, batch, norm if log_now else None,
+                                        s.validation_loss if validate_now and s.ranks.main else None)))
                 last_loss = logged[-1][1]
             done = s.step - first_step
             rate = done / max(time.perf_counter() - started, 1e-9)
             callbacks.on_step(StepReport(s.step, t.steps, last_loss, lr, rate, (t.steps - s.step) / rate,
-                                         s.metrics.smoothed_loss(), peak_memory_mb(s.device), logged))
+                                         s.metrics.smoothed_loss(), peak_memory_mb(s.device), logged,
+                                         s.validation_loss if validate_now else None))
             if s.config.sample.every and s.step % s.config.sample.every == 0 and s.step < t.steps:
                 sample(s, callbacks)
             if checkpoint_now and s.step < t.steps:
@@ -365,14 +398,16 @@ def train_loop(s: Session, callbacks: Callbacks) -> bool:
             profiler.stop()
 
 
-def _log(s: Session, pending, norm) -> list[float]:
-    """Write the metrics of the steps since the last log: one device sync per logging interval. Returns their
-    losses, in step order."""
+def _log(s: Session, pending, norm, validation_loss: float | None = None) -> list[float]:
+    """Write the metrics of the steps since the last log: one device sync per logging interval (the gradient norm
+    and validation loss go on the last step's row). Returns their losses, in step order."""
     losses = distributed.sum_over_ranks(s.ranks, torch.stack([loss for _, loss, _, _ in pending]).float())
     losses = losses.cpu().tolist()   # each rank's share of the loss, summed: the global batch's
     for (step, _, lr, seconds), loss in zip(pending, losses):
         last = step == pending[-1][0]
         extra = {"grad_norm": float(norm)} if last and norm is not None else {}
+        if last and validation_loss is not None:
+            extra["validation_loss"] = validation_loss
         memory = peak_memory_mb(s.device) if last else None
         if memory is not None:
             extra["memory_mb"] = memory
@@ -387,9 +422,10 @@ def _log(s: Session, pending, norm) -> list[float]:
 
 
 # ---------------------------------------------------------------------------------------------- save
-def save(s: Session, path: Path | None = None, lora: dict | None = None) -> Path:
+def save(s: Session, path: Path | None = None, lora: dict | None = None, *, averaged: bool = False) -> Path:
     """The LoRA in ComfyUI-native form (loads in diffusers too) with its metadata: lora/<name>.safetensors
-    unless `path` is given. `lora`: its peft tensors when already gathered (a sharded base)."""
+    unless `path` is given. `lora`: its peft tensors when already gathered (a sharded base, or the moving average:
+    `averaged`, recorded in the metadata)."""
     from ..lora_files import lora_metadata, lora_state_dict, save_lora
 
     c = s.config
@@ -399,7 +435,8 @@ def save(s: Session, path: Path | None = None, lora: dict | None = None) -> Path
                "dataset_fingerprint": s.cache.fingerprint, "base_model_fingerprint": s.base_fingerprint,
                "text_conditioning": c.model.text_conditioning, "name": c.output.name, "lr": c.train.lr,
                "batch_size": c.train.batch_size, "images": len(s.cache), "seed": c.train.seed,
-               "family": s.variant.family, "max_steps": c.train.steps})
+               "family": s.variant.family, "max_steps": c.train.steps, "distilled_base": s.distilled or None,
+               **({"ema_decay": c.train.ema_decay} if averaged else {})})
     tensors = lora if lora is not None else lora_state_dict(s.transformer)
     path = save_lora(path or s.run_dir / "lora" / f"{c.output.name}.safetensors", tensors, fmt="comfyui",
                      rank=c.lora.rank, alpha=c.lora.alpha, metadata=metadata)
@@ -454,8 +491,11 @@ def train(config: Config, callbacks: Callbacks | None = None, *, encoders=None, 
                 from ..lora_files import lora_state_dict
 
                 lora = lora_state_dict(s.transformer)   # gathered by every rank, written by rank 0
+            averaged = ema_state(s.ema) if s.ema and (s.sharded or s.ranks.main) else None
             if s.ranks.main:          # the only rank that writes
                 lora_path = save(s, lora=lora if s.sharded else None)
+                if averaged:
+                    save(s, lora_path.with_name(f"{lora_path.stem}_ema.safetensors"), lora=averaged, averaged=True)
                 curves = plot_training_curves(s.run_dir / "metrics.jsonl", s.run_dir / "training_curves.png",
                                               title=f"{config.output.name} ({s.variant.name})")
             if not stopped:

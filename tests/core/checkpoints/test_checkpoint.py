@@ -349,6 +349,18 @@ def test_prune_keeps_the_newest_and_the_best(tmp_path):
     assert find_checkpoints(ckdir) == [cps[5]] and files_of(ckdir) == {"step_000006"}
 
 
+def test_prune_judges_the_best_by_the_validation_loss_where_there_is_one(tmp_path):
+    ckdir = tmp_path / "checkpoints"
+    states = [{"step": 1, "smoothed_loss": 0.1, "validation_loss": 0.9},   # lowest training loss, overfit
+              {"step": 2, "smoothed_loss": 0.3, "validation_loss": 0.4},   # lowest held-out loss: the best
+              {"step": 3, "smoothed_loss": 0.2, "validation_loss": None},
+              {"step": 4, "smoothed_loss": 0.5, "validation_loss": 0.6}]
+    cps = [write_checkpoint(ckdir / f"step_{s['step']:06d}", {"adapter": {"w": torch.ones(2)}}, {"state": s})
+           for s in states]
+    assert prune_checkpoints(ckdir, keep=1) == [cps[0], cps[2]]
+    assert find_checkpoints(ckdir) == [cps[1], cps[3]]
+
+
 def test_prune_ignores_damaged_ones_for_best_and_newest(tmp_path):
     ckdir = tmp_path / "checkpoints"
     cps = make_run(ckdir, [0.4, 0.1, 0.5, 0.6])
