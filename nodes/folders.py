@@ -33,6 +33,7 @@ MODEL_FOLDERS = {"path": ("diffusion_models", "diffusers"), "vae": ("vae",), "te
 
 # Load Training Model's pickers: vae/text_encoder may come from the diffusers folder `path` names
 FROM_DIFFUSERS = "(from the diffusers folder)"
+NEW_LORA = "(none: a new LoRA)"   # Configure LoRA's init_from when it continues no LoRA
 # The names ComfyUI's own FLUX.2 templates download, by family: picked by default when present
 STANDARD_FILES = {"klein": {"path": "flux-2-klein-base-4b.safetensors", "vae": "flux2-vae.safetensors",
                             "text_encoder": ("qwen_3_4b.safetensors",)},
@@ -170,6 +171,24 @@ def run_to_resume(text: str, key: str = "resume") -> str:
     if path == runs or not _inside(path, (runs,)):
         raise PathNotAllowedError(f"`{key}`: {text!r} is not a run inside output/{RUNS_FOLDER}: give a run name "
                                   "such as 'flux2_lora'")
+    return path
+
+
+def lora_choices() -> list[str]:
+    """Configure LoRA's init_from picker: the LoRAs in models/loras, as ComfyUI's LoraLoader lists them."""
+    return [NEW_LORA, *folder_paths.get_filename_list("loras")]
+
+
+def lora_to_continue(text: str, key: str = "init_from") -> str:
+    """Configure LoRA's init_from: the full path of a LoRA named in models/loras; "" for a new LoRA."""
+    name = _clean(text, key)
+    if not name or name == NEW_LORA:
+        return ""
+    path = None if os.path.isabs(name) else folder_paths.get_full_path("loras", name)
+    folders = [os.path.abspath(f) for f in folder_paths.get_folder_paths("loras")]
+    if path is None or not _inside(os.path.normpath(os.path.abspath(path)), folders):
+        raise ConfigError([(key, f"{text!r} is not a LoRA in ComfyUI's models/loras folders: pick one there (copy "
+                                 "the file in first)")])
     return path
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..flux2_lora_core.config import PRESETS, SCHEDULES
+from .folders import NEW_LORA, lora_choices, lora_to_continue
 
 # widget -> config key
 KEYS = {
@@ -31,6 +32,8 @@ KEYS = {
     "timestep_shift": "train.timestep_shift", "logit_mean": "train.logit_mean", "logit_std": "train.logit_std",
     "loss_weighting": "train.loss_weighting", "max_grad_norm": "train.max_grad_norm",
     "weight_decay": "train.weight_decay", "guidance": "train.guidance", "compile": "train.compile",
+    "init_from": "lora.init_from", "ema_decay": "train.ema_decay", "validation_split": "data.validation_split",
+    "validate_every": "train.validate_every",
 }
 PRESET_NAMES = ["none", *PRESETS]
 
@@ -72,6 +75,10 @@ def inputs() -> list:
         io.Float.Input("weight_decay", default=1e-4, min=0.0, max=1.0, step=1e-4, round=False, optional=True, advanced=True, tooltip="train.weight_decay: decoupled weight decay on the LoRA weights. 1e-4 default; 0-0.01."),
         io.Float.Input("guidance", default=3.5, min=0.0, max=30.0, step=0.1, optional=True, advanced=True, tooltip="train.guidance: [dev]'s guidance embedding while training (3.5, as diffusers' script); [klein] has none and ignores it."),
         io.Boolean.Input("compile", default=False, optional=True, advanced=True, tooltip="train.compile: torch.compile each transformer block: faster steps on a recent GPU after a few minutes of compiling. Off on CPU or Windows without a compiler."),
+        io.Combo.Input("init_from", options=lora_choices(), default=NEW_LORA, optional=True, tooltip="lora.init_from: continue training a LoRA from models/loras (ComfyUI, diffusers or kohya keys; one this pack saved, or another trainer's). Its rank and alpha replace the widgets'; its layers start as trained. Its layers must be among `targets`."),
+        io.Float.Input("ema_decay", default=0.0, min=0.0, max=0.9999, step=0.001, round=False, optional=True, advanced=True, tooltip="train.ema_decay: also keep a moving average of the LoRA weights (0.99-0.999), often smoother than the last step; Save LoRA's `weights` picks it. 0: off."),
+        io.Float.Input("validation_split", default=0.0, min=0.0, max=0.5, step=0.01, optional=True, tooltip="data.validation_split: fraction of the images held out of training; their loss at fixed noise is measured every validate_every steps, drawn in red on the live chart, and picks the best checkpoint. 0.1-0.2 with 20+ images; 0: off."),
+        io.Int.Input("validate_every", default=100, min=1, max=1000000, optional=True, tooltip="train.validate_every: measure the held-out loss every N steps (and at the end)."),
     ]
 
 
@@ -89,4 +96,5 @@ def sections(widgets: dict, defaults: dict) -> dict:
     for widget, key in KEYS.items():
         section, name = key.split(".")
         result.setdefault(section, {})[name] = values[widget]
+    result["lora"]["init_from"] = lora_to_continue(result["lora"]["init_from"])   # a name in models/loras
     return result

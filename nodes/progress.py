@@ -41,6 +41,7 @@ class ComfyProgress:
         self.events, self.started = NodeEvents(kind), time.monotonic()
         self.state = {"phase": None, "detail": None, "done": 0, "total": 0}
         self.losses, self.samples = [], {}          # (step, loss) not yet sent; prompt index -> /view reference
+        self.validation = []                        # (step, held-out loss) not yet sent
         self._stop = None
 
     def __enter__(self):
@@ -61,9 +62,9 @@ class ComfyProgress:
     def _send(self, force=False, **changes):
         self.state.update(changes)
         state = {**self.state, "elapsed": time.monotonic() - self.started, "losses": self.losses,
-                 "samples": [self.samples[i] for i in sorted(self.samples)]}
+                 "validation": self.validation, "samples": [self.samples[i] for i in sorted(self.samples)]}
         if self.events.send(state, force=force or self.events.sent == 0):
-            self.losses = []
+            self.losses, self.validation = [], []
 
     def on_phase(self, phase):
         self._send(force=True, phase=phase, detail=None, done=0, total=0)
@@ -77,12 +78,15 @@ class ComfyProgress:
         self.bar, self.stepped = self.bar or ProgressBar(report.total), True
         self._update(report.step, report.total)
         self.losses += [[step, _number(loss)] for step, loss in report.logged]
+        if report.validation_loss is not None:
+            self.validation.append([report.step, _number(report.validation_loss)])
         rate = report.steps_per_second
         self._send(force=self.state["phase"] != "training" or report.step >= report.total, phase="training",
                    detail=None, done=report.step, total=report.total, step=report.step, steps=report.total,
                    loss=_number(report.loss), smoothed_loss=_number(report.smoothed_loss), lr=report.lr,
                    seconds_per_step=1 / rate if rate > 0 else None, eta_seconds=_number(report.eta_seconds),
-                   peak_memory_mb=report.peak_memory_mb)
+                   peak_memory_mb=report.peak_memory_mb, validation_loss=_number(report.validation_loss)
+                   if report.validation_loss is not None else self.state.get("validation_loss"))
 
     def on_sample(self, step, paths):
         from PIL import Image

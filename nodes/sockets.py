@@ -25,7 +25,8 @@ MADE_BY = {"FLUX2_DATASET": "Load Dataset", "FLUX2_MODEL": "Load Training Model"
            "FLUX2_LORA_CONFIG": "Configure LoRA", "FLUX2_RUN": "Train"}
 SOCKET_OF = {"dataset": "FLUX2_DATASET", "model": "FLUX2_MODEL", "cache": "FLUX2_CACHE",
              "lora_config": "FLUX2_LORA_CONFIG", "run": "FLUX2_RUN"}  # input name -> socket type, the same everywhere
-LORA_SECTIONS = frozenset({"lora", "train", "sample", "checkpoint"})  # what Configure LoRA's dict may set
+LORA_SECTIONS = frozenset({"lora", "train", "sample", "checkpoint", "data"})  # what Configure LoRA's dict may set
+LORA_DATA_KEYS = frozenset({"validation_split"})   # ...of data.*: never a path (the dataset is Load Dataset's)
 
 
 def refuse_at_queue(node: type[io.ComfyNode], input_types: dict | None = None, sockets: dict | None = None,
@@ -77,5 +78,6 @@ def _accepts(socket: str, value) -> bool:
     if not isinstance(value, dict):
         return False
     if socket == "FLUX2_LORA_CONFIG":
-        return set(value) <= LORA_SECTIONS and all(isinstance(v, dict) for v in value.values())
+        return (set(value) <= LORA_SECTIONS and all(isinstance(v, dict) for v in value.values())
+                and set(value.get("data", {})) <= LORA_DATA_KEYS)
     return set(value) == {"run", "lora"} and all(isinstance(v, str) for v in value.values())  # FLUX2_RUN

@@ -21,7 +21,7 @@ from comfy_api.latest import io, ui
 from safetensors.torch import load_file
 
 from ..flux2_lora_core.config import Config, ModelConfig, config_from_dict
-from ..flux2_lora_core.errors import Flux2LoraError
+from ..flux2_lora_core.errors import ConfigError, Flux2LoraError
 from . import lora_settings
 from .dataset_nodes import CATEGORY
 from .folders import (FROM_DIFFUSERS, cache_folder, inside_output, lora_file_name, model_choices, model_path, read_roots,
@@ -194,7 +194,9 @@ def run_training(cache: Config, lora_config: dict, name: str, resume: str, progr
     run = run_to_resume(resume) if resume.strip() else None
     free_comfy_memory()
     if run:
-        graph = {**{k: v for k, v in cache.to_dict().items() if k in ("model", "data", "cache")}, **lora_config}
+        graph = {k: v for k, v in cache.to_dict().items() if k in ("model", "data", "cache")}
+        for section, values in lora_config.items():   # Configure LoRA sets some data.* keys too: merged, not replaced
+            graph[section] = {**graph.get(section, {}), **values}
         updates = {f"{s}.{k}": v for s, values in graph.items() for k, v in values.items()}
         return resume_run(run, updates=updates, callbacks=progress)
     return train(config, progress)
@@ -234,20 +236,34 @@ class SaveLora(io.ComfyNode):
             display_name="Save LoRA (FLUX.2 LoRA)",
             category=CATEGORY,
             description="Copies the run's LoRA (ComfyUI-native keys, with its metadata) into models/loras, where LoraLoader lists it at once. Never overwrites a file.",
-            inputs=[Run.Input("run"), io.String.Input("filename", default="flux2_lora")],
+            inputs=[Run.Input("run"), io.String.Input("filename", default="flux2_lora"),
+                    io.Combo.Input("weights", options=list(WEIGHTS), default="final", optional=True, tooltip="final: the weights of the last step; moving average: the run's average of its last steps (Configure LoRA's ema_decay must have been on).")],
             outputs=[io.String.Output(display_name="path")],
             is_output_node=True,
         )
 
     @classmethod
-    def validate_inputs(cls, input_types, run=None, filename=None):
+    def validate_inputs(cls, input_types, run=None, filename=None, weights=None):
         return refuse_at_queue(cls, input_types, dict(run=run), [(lora_file_name, filename)])
 
     @classmethod
-    def execute(cls, run, filename) -> io.NodeOutput:
+    def execute(cls, run, filename, weights="final") -> io.NodeOutput:
         check_values(run=run)
-        path = save_to_loras(Path(inside_output(run["lora"], "run")), filename)
+        path = save_to_loras(run_lora_file(run, weights), filename)
         return io.NodeOutput(str(path), ui=ui.PreviewText(f"saved as {path.name}: Load LoRA lists it under that name"))
+
+
+WEIGHTS = {"final": "", "moving average": "_ema"}   # Save LoRA's choice -> the run's file name suffix
+
+
+def run_lora_file(run: dict, weights: str) -> Path:
+    """The run's LoRA file for Save LoRA's `weights`, inside ComfyUI's output directory."""
+    lora = Path(inside_output(run["lora"], "run"))
+    path = lora.with_name(f"{lora.stem}{WEIGHTS[weights]}.safetensors")
+    if not path.is_file() and weights != "final":
+        raise ConfigError([("weights", f"the run {lora.parent.parent.name} kept no moving average: set ema_decay on "
+                                       "Configure LoRA (e.g. 0.999) and train again, or save the final weights")])
+    return path
 
 
 def save_to_loras(source: Path, filename: str) -> Path:

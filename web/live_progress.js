@@ -66,15 +66,20 @@ function statusText(e) {
     const phase = `${e.phase ?? "-"}${e.detail ? ` (${e.detail})` : ""}` + (e.total ? ` ${e.done}/${e.total}` : "");
     if (e.step === undefined) return phase;
     return [phase,
-        `step ${e.step}/${e.steps}   loss ${number(e.loss)} (smoothed ${number(e.smoothed_loss)})   lr ${number(e.lr, 3)}`,
+        `step ${e.step}/${e.steps}   loss ${number(e.loss)} (smoothed ${number(e.smoothed_loss)})   lr ${number(e.lr, 3)}`
+            + (typeof e.validation_loss === "number" ? `   held out ${number(e.validation_loss)}` : ""),
         `${number(e.seconds_per_step, 3)} s/step   ETA ${duration(e.eta_seconds)}   peak memory ${memory(e.peak_memory_mb)}`,
     ].join("\n");
 }
 
-function addLosses(s, points) {
-    for (const p of Array.isArray(points) ? points : []) {
-        if (Array.isArray(p) && typeof p[1] === "number" && Number.isFinite(p[1])) s.losses.push([p[0], p[1]]);
-    }
+function finitePoints(points) {
+    return (Array.isArray(points) ? points : []).filter((p) => Array.isArray(p) && typeof p[1] === "number"
+        && Number.isFinite(p[1])).map((p) => [p[0], p[1]]);
+}
+
+function addLosses(s, points, validation) {
+    s.losses.push(...finitePoints(points));
+    s.validation.push(...finitePoints(validation)); // one point per validate_every steps: never merged
     while (s.losses.length > MAX_POINTS) { // merge neighbours: the curve's shape stays, the memory does not grow
         const merged = [];
         for (let i = 0; i + 1 < s.losses.length; i += 2) {
@@ -84,14 +89,14 @@ function addLosses(s, points) {
     }
 }
 
-function drawChart(canvas, losses) {
+function drawChart(canvas, losses, validation = []) {
     if (!canvas || losses.length < 2) return;
     canvas.style.display = "block";
     const width = (canvas.width = Math.max(100, canvas.clientWidth || 300));
     const height = (canvas.height = 120);
     const ctx = canvas.getContext("2d");
     ctx.clearRect(0, 0, width, height);
-    const steps = losses.map((p) => p[0]), values = losses.map((p) => p[1]);
+    const steps = losses.map((p) => p[0]), values = [...losses, ...validation].map((p) => p[1]);
     const [x0, x1] = [steps[0], steps[steps.length - 1]];
     const [lo, hi] = [Math.min(...values), Math.max(...values)];
     const x = (step) => 4 + ((step - x0) / Math.max(x1 - x0, 1)) * (width - 8);
@@ -107,9 +112,11 @@ function drawChart(canvas, losses) {
     let ema = values[0];
     const alpha = Math.min(0.5, 20 / losses.length + 0.02);
     line(losses.map(([s, v]) => [s, (ema = ema + alpha * (v - ema))]), "rgb(255, 170, 60)", 2);
+    if (validation.length) line(validation, "rgb(240, 80, 80)", 2); // the held-out loss
     ctx.fillStyle = "rgba(200, 200, 200, 0.9)";
     ctx.font = "10px monospace";
-    ctx.fillText(`loss ${number(lo, 3)} .. ${number(hi, 3)}   steps ${x0}..${x1}`, 4, height - 2);
+    ctx.fillText(`loss ${number(lo, 3)} .. ${number(hi, 3)}   steps ${x0}..${x1}`
+        + (validation.length ? "   red: held out" : ""), 4, height - 2);
 }
 
 function showSamples(div, samples) {
@@ -130,18 +137,18 @@ function onEvent(detail) {
     const parts = panel(node, kind);
     let s = state.get(node);
     if (!s || s.prompt !== detail.prompt_id) { // a new run on this node: start clean
-        s = { prompt: detail.prompt_id, losses: [] };
+        s = { prompt: detail.prompt_id, losses: [], validation: [] };
         state.set(node, s);
         parts.summary.textContent = "";
         parts.samples?.replaceChildren();
     }
-    addLosses(s, detail.losses);
+    addLosses(s, detail.losses, detail.validation);
     parts.status.textContent = statusText(detail);
     const live = !["done", "stopped", "cancelled", "failed"].includes(detail.phase) && detail.total > 0;
     parts.bar.style.display = live ? "block" : "none";
     if (live) Object.assign(parts.bar, { max: detail.total, value: detail.done });
     if (typeof detail.summary === "string") parts.summary.textContent = detail.summary;
-    drawChart(parts.chart, s.losses);
+    drawChart(parts.chart, s.losses, s.validation);
     if (detail.samples?.length) showSamples(parts.samples, detail.samples);
     node.setSize([node.size[0], Math.max(node.size[1], node.computeSize()[1])]);
     app.graph.setDirtyCanvas(true, true);

@@ -55,6 +55,40 @@ def test_a_training_graph_trains_and_saves_a_lora_loraloader_lists(comfyui, setu
     assert (models / "loras" / "ring-2.safetensors").exists() and (run.parent / "ring-2" / "run.json").exists()
 
 
+def test_configure_lora_continues_a_lora_picked_in_models_loras(comfyui, setup, graph):
+    """init_from lists models/loras (the LoRA the first test saved) and the run starts from it, at its rank; a name
+    that is not one of them is refused by ComfyUI's own validation, before anything runs."""
+    models, _ = setup
+    shutil.copy(models / "loras" / "ring.safetensors", models / "loras" / "ring_rank4.safetensors")
+    options = comfyui.get_json("/object_info/Flux2LoraConfigureLora")["Flux2LoraConfigureLora"]["input"][
+        "optional"]["init_from"][1]["options"]
+    assert options[0] == "(none: a new LoRA)" and "ring_rank4.safetensors" in options
+    entry = comfyui.run(graph(name="continued", steps=1, rank=8, init_from="ring_rank4.safetensors"))
+    assert status(entry) == "success", json.dumps(entry["status"], indent=1)[-6000:]
+    config = json.loads((comfyui.base / "output" / "flux2_lora" / "continued" / "run.json").read_text())["config"]
+    assert config["lora"]["init_from"] == str(models / "loras" / "ring_rank4.safetensors")
+    assert config["lora"]["rank"] == 4                                    # the file's rank, not the widget's 8
+    for attack in ("../../etc/passwd", str(models / "loras" / "ring_rank4.safetensors")):
+        status_code, body = comfyui.request("/prompt", {"prompt": graph(name="bad_init", init_from=attack)})
+        assert status_code == 400 and "init_from" in body.decode(), body[:500]
+
+
+def test_save_lora_saves_the_moving_average_when_the_run_kept_one(comfyui, setup, graph):
+    models, _ = setup
+    prompt = graph(name="averaged", steps=2, ema_decay=0.9)
+    prompt["6"]["inputs"]["weights"] = "moving average"
+    entry = comfyui.run(prompt)
+    assert status(entry) == "success", json.dumps(entry["status"], indent=1)[-6000:]
+    with safe_open(models / "loras" / "averaged.safetensors", "pt") as f:
+        assert f.metadata()["flux2_lora.ema_decay"] == "0.9"
+    plain = graph(name="not_averaged", steps=1)
+    plain["6"]["inputs"]["weights"] = "moving average"
+    entry = comfyui.run(plain)
+    assert status(entry) == "error"
+    (error,) = [data for name, data in entry["status"]["messages"] if name == "execution_error"]
+    assert error["node_type"] == "Flux2LoraSaveLora" and "ema_decay" in error["exception_message"]
+
+
 def test_bad_settings_stop_the_graph_at_train_naming_the_setting(comfyui, setup, graph):
     entry = comfyui.run(graph(name="bad", targets="regex:("))
     assert status(entry) == "error"
