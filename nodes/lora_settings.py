@@ -33,7 +33,7 @@ KEYS = {
     "loss_weighting": "train.loss_weighting", "max_grad_norm": "train.max_grad_norm",
     "weight_decay": "train.weight_decay", "guidance": "train.guidance", "compile": "train.compile",
     "init_from": "lora.init_from", "ema_decay": "train.ema_decay", "validation_split": "data.validation_split",
-    "validate_every": "train.validate_every",
+    "validate_every": "train.validate_every", "lora_type": "lora.type",
 }
 PRESET_NAMES = ["none", *PRESETS]
 
@@ -79,6 +79,7 @@ def inputs() -> list:
         io.Float.Input("ema_decay", default=0.0, min=0.0, max=0.9999, step=0.001, round=False, optional=True, advanced=True, tooltip="train.ema_decay: also keep a moving average of the LoRA weights (0.99-0.999), often smoother than the last step; Save LoRA's `weights` picks it. 0: off."),
         io.Float.Input("validation_split", default=0.0, min=0.0, max=0.5, step=0.01, optional=True, tooltip="data.validation_split: fraction of the images held out of training; their loss at fixed noise is measured every validate_every steps, drawn in red on the live chart, and picks the best checkpoint. 0.1-0.2 with 20+ images; 0: off."),
         io.Int.Input("validate_every", default=100, min=1, max=1000000, optional=True, tooltip="train.validate_every: measure the held-out loss every N steps (and at the end)."),
+        io.Combo.Input("lora_type", options=["lora", "dora"], default="lora", optional=True, advanced=True, tooltip="lora.type: lora (default), or dora: a trained magnitude per output row as well (weight-decomposed LoRA), often closer to full fine-tuning at the same rank; a little slower. Saved with ComfyUI's dora_scale keys; needs a bf16/fp32 base (no quantization)."),
     ]
 
 

@@ -119,9 +119,22 @@ def _modules(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, to
     return {m: (p["A"], p["B"]) for m, p in pairs.items()}
 
 
+def _dora_split(state: dict[str, torch.Tensor], fmt: str):
+    """(the LoRA's A/B entries, {peft module: ComfyUI dora_scale (out,)}) of a canonical state. A DoRA LoRA is
+    written in ComfyUI's form only, from training.lora.comfyui_dora's scales (they need the base weights)."""
+    scales = {k[:-len(".dora_scale")]: v for k, v in state.items() if k.endswith(".dora_scale")}
+    magnitude = next((k for k in state if k.endswith(".lora_magnitude_vector")), None)
+    if magnitude or (scales and fmt != "comfyui"):
+        raise ExportError(f"a DoRA LoRA ({magnitude or next(iter(scales))}) is written in ComfyUI's form only, by "
+                          "the trainer (its dora_scale needs the base model's weights): use the run's LoRA file")
+    return {k: v for k, v in state.items() if not k.endswith(".dora_scale")}, scales
+
+
 def to_format(state: dict[str, torch.Tensor], *, fmt: str, rank: int, alpha: float) -> dict[str, torch.Tensor]:
-    """The canonical state in `fmt`'s names (see the module docstring); the tensors keep their dtype."""
+    """The canonical state in `fmt`'s names (see the module docstring); the tensors keep their dtype. DoRA
+    entries (`<module>.dora_scale`, see _dora_split) become ComfyUI's `<layer>.dora_scale`, (out, 1)."""
     _check(fmt, rank, alpha)
+    state, scales = _dora_split(state, fmt)
     modules = _modules(state)
     if fmt == "diffusers":
         return {f"transformer.{k}": v for k, v in state.items()}
@@ -139,6 +152,16 @@ def to_format(state: dict[str, torch.Tensor], *, fmt: str, rank: int, alpha: flo
                 log.warning("%s: diffusers' LoRA loader does not swap its halves back: right for ComfyUI only", bfl)
                 up = torch.cat(up.chunk(2)[::-1])
         name = f"diffusion_model.{bfl}" if fmt == "comfyui" else lora_keys.kohya_name(bfl)
+        members = lora_keys.diffusers_modules(bfl)
+        order = [members[p] for p in lora_keys.PARTS] if set(members) == set(lora_keys.PARTS) else list(members.values())
+        layer_scales = [scales.get(m) for m in order]                     # in fuse_qkv's order of the parts
+        if any(v is not None for v in layer_scales):
+            if any(v is None for v in layer_scales):
+                raise ExportError(f"{bfl}: DoRA scales for only some of its parts: pass comfyui_dora's whole output")
+            dora = torch.cat(layer_scales)
+            if set(parts) == {lora_keys.SWAP}:
+                dora = torch.cat(dora.chunk(2)[::-1])
+            out[f"{name}.dora_scale"] = dora[:, None].contiguous()
         a_key, b_key = _SUFFIX[fmt]
         out[f"{name}.{a_key}"] = down.contiguous()
         if fmt == "comfyui":
@@ -297,6 +320,9 @@ def read_lora(path) -> tuple[dict[str, torch.Tensor], int, float, dict[str, str]
                           "only (never unpickled): convert .ckpt/.pt files elsewhere first") from None
     fmt = _layout(path, tensors)
     adapter = json.loads(metadata.get("lora_adapter_metadata") or "{}")
+    if any(k.endswith((".dora_scale", ".lora_magnitude_vector")) for k in tensors):
+        raise ExportError(f"{path}: a DoRA LoRA: it cannot be converted or continued here (its dora_scale depends "
+                          "on the base weights it was trained on); use it in ComfyUI as it is")
     unsupported = [k for k in ("rank_pattern", "alpha_pattern", "use_rslora", "use_dora")
                    if adapter.get(f"transformer.{k}")]
     if unsupported:

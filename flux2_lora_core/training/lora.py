@@ -73,18 +73,24 @@ def resolve_targets(model: torch.nn.Module, targets: str) -> list[str]:
 
 
 def add_lora(transformer: torch.nn.Module, *, rank: int, alpha: float, dropout: float, targets: str,
-             seed: int, adapter_name: str = "default") -> list[str]:
+             seed: int, adapter_name: str = "default", dora: bool = False) -> list[str]:
     """Add a trainable LoRA (float32 weights over a frozen base of any dtype); returns the targeted names.
 
     LoRA A is initialised from `seed` (peft's Kaiming init, B = 0), so a fixed seed gives the same run
-    whatever was drawn from the global generator before.
+    whatever was drawn from the global generator before. `dora`: peft's DoRA, whose magnitude starts as the
+    base rows' norms (B = 0: no change at the start either).
     """
     from peft import LoraConfig
     from peft.tuners.lora import LoraLayer
 
     names = resolve_targets(transformer, targets)
+    if dora:   # DoRA normalises the base weight: it must be a plain one, not stored quantized
+        quantized = next((n for n in names if type(transformer.get_submodule(n)) is not torch.nn.Linear), None)
+        if quantized:
+            raise ConfigError([("lora.type", f"dora needs plain weights, but {quantized} is stored quantized "
+                                             "(model.quantization or a GGUF file): use lora.type=lora or a bf16 base")])
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=names,
-                        init_lora_weights=True)
+                        init_lora_weights=True, use_dora=dora)
     transformer.add_adapter(config, adapter_name=adapter_name)
     for parameter in trainable_parameters(transformer):
         parameter.data = parameter.data.float()  # optimizer state and updates in fp32 over a bf16 or fp8 base
@@ -146,6 +152,13 @@ def load_initial_lora(transformer, state: dict[str, torch.Tensor], path, *, targ
     if problems:
         raise ConfigError(problems[:5])
     current.update({k: t.to(current[k].dtype) for k, t in state.items()})
+    with torch.no_grad():   # DoRA over a plain LoRA: magnitudes ||W + dW|| start it as the LoRA, not as the base
+        for key in [k for k in current if k.endswith(".lora_magnitude_vector")]:
+            module = key[:-len(".lora_magnitude_vector")]
+            layer = transformer.get_submodule(module)
+            delta = layer.scaling[adapter_name] * current[f"{module}.lora_B.weight"] @ current[f"{module}.lora_A.weight"]
+            weight = layer.get_base_layer().weight.float()
+            current[key] = (weight + delta.to(weight.device)).norm(dim=1).to(current[key].dtype)
     set_peft_model_state_dict(transformer, current, adapter_name=adapter_name)
     layers = len({k.rsplit(".lora_", 1)[0] for k in state})
     fresh = len({k.rsplit(".lora_", 1)[0] for k in current}) - layers
@@ -158,3 +171,35 @@ def _has_module(model, name: str) -> bool:
         return True
     except AttributeError:
         return False
+
+
+# ---------------------------------------------------------------------------------------------- DoRA for ComfyUI
+def comfyui_dora(transformer, state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+    """A peft DoRA state made writable in ComfyUI's form: each layer's magnitude m replaced by the `dora_scale`
+    ComfyUI's loader applies. peft computes m / ||W + dW|| (W + dW) row by row; ComfyUI computes
+    dora_scale / ||W|| (W + dW) (its norm is the base row's), so dora_scale = m ||W|| / ||W + dW||, which needs the
+    base weights: it is done here, where the model is. The other parts of a fused BFL qkv get ||W|| (no change).
+    `state` may be any weights of this adapter (the EMA's too); `scale` is alpha / rank. A plain LoRA passes."""
+    from ..lora_files import lora_keys
+
+    magnitudes = [k for k in state if k.endswith(".lora_magnitude_vector")]
+    if not magnitudes:
+        return state
+    out = {k: v for k, v in state.items() if k not in magnitudes}
+
+    def base_rows(module: str) -> torch.Tensor:
+        layer = transformer.get_submodule(module)
+        weight = getattr(layer, "base_layer", layer).weight
+        return weight.detach().float().cpu()
+
+    with torch.no_grad():
+        for key in magnitudes:
+            module = key[:-len(".lora_magnitude_vector")]
+            weight = base_rows(module)
+            delta = scale * state[f"{module}.lora_B.weight"].float() @ state[f"{module}.lora_A.weight"].float()
+            out[f"{module}.dora_scale"] = state[key].float() * weight.norm(dim=1) / (weight + delta).norm(dim=1)
+            target = lora_keys.bfl_target(module)
+            for sibling in (lora_keys.diffusers_modules(target.module) or {}).values():
+                if f"{sibling}.dora_scale" not in out and f"{sibling}.lora_magnitude_vector" not in state:
+                    out[f"{sibling}.dora_scale"] = base_rows(sibling).norm(dim=1)
+    return out

@@ -21,6 +21,7 @@ import torch
 from ..checkpoints import prune_checkpoints, write_checkpoint
 from ..errors import CheckpointError
 from .ema import ema_state, restore_ema
+from .lora import comfyui_dora
 from .sharding import full, is_sharded, shard_like, shard_optimizer_state
 
 log = logging.getLogger(__name__)
@@ -196,7 +197,8 @@ def save_checkpoint(s) -> Path | None:
     if not s.ranks.main:
         return None
     c = s.config
-    tensors[f"{c.output.name}-step{s.step}"] = to_format(tensors["adapter"], fmt="comfyui", rank=c.lora.rank, alpha=c.lora.alpha)
+    comfyui = comfyui_dora(s.transformer, tensors["adapter"], c.lora.alpha / c.lora.rank)
+    tensors[f"{c.output.name}-step{s.step}"] = to_format(comfyui, fmt="comfyui", rank=c.lora.rank, alpha=c.lora.alpha)
     documents["lora_metadata"] = lora_metadata(variant=s.variant.name, rank=c.lora.rank, alpha=c.lora.alpha,
                                                targets=s.targets, extra={"steps": s.step, "name": c.output.name})
     folder = write_checkpoint(s.run_dir / "checkpoints" / f"step_{s.step:06d}", tensors, documents)

@@ -34,7 +34,7 @@ from .block_swap import unswap_blocks
 from .callbacks import Callbacks, StepReport
 from .flow_matching import PositionIds, sample_sigmas, shift_sigmas, training_loss
 from .ema import ema_state, make_ema
-from .lora import add_lora, load_initial_lora, read_initial_lora, trainable_parameters
+from .lora import add_lora, comfyui_dora, load_initial_lora, read_initial_lora, trainable_parameters
 from .metrics import MetricsLog, plot_training_curves, step_profiler
 from .model_setup import prepare_model
 from .optimization import make_optimizer
@@ -172,7 +172,7 @@ def setup(config: Config, callbacks: Callbacks, encoders=None, transformer=None,
         raise ConfigError([("model.path", "the transformer given already has a LoRA adapter "
                                           f"({', '.join(transformer.peft_config)}): pass the base model")])
     targets = add_lora(transformer, rank=config.lora.rank, alpha=config.lora.alpha, dropout=config.lora.dropout,
-                       targets=config.lora.targets, seed=t.seed)
+                       targets=config.lora.targets, seed=t.seed, dora=config.lora.type == "dora")
     try:
         if initial:
             load_initial_lora(transformer, initial, config.lora.init_from, targets=config.lora.targets)
@@ -437,7 +437,8 @@ def save(s: Session, path: Path | None = None, lora: dict | None = None, *, aver
                "batch_size": c.train.batch_size, "images": len(s.cache), "seed": c.train.seed,
                "family": s.variant.family, "max_steps": c.train.steps, "distilled_base": s.distilled or None,
                **({"ema_decay": c.train.ema_decay} if averaged else {})})
-    tensors = lora if lora is not None else lora_state_dict(s.transformer)
+    tensors = comfyui_dora(s.transformer, lora if lora is not None else lora_state_dict(s.transformer),
+                           c.lora.alpha / c.lora.rank)   # a DoRA's magnitudes as ComfyUI's dora_scale
     path = save_lora(path or s.run_dir / "lora" / f"{c.output.name}.safetensors", tensors, fmt="comfyui",
                      rank=c.lora.rank, alpha=c.lora.alpha, metadata=metadata)
     log.info("LoRA written to %s", path)

@@ -222,7 +222,7 @@ def run_variant(job: dict) -> tuple[dict, dict]:
     capture = LogCapture()
     logging.getLogger().addHandler(capture)
     try:
-        clip = (klein_clip if job["variant"] == "klein" else dev_clip)(job, overrides)
+        clip = (klein_clip if job.get("family", job["variant"]) == "klein" else dev_clip)(job, overrides)
         vae = tiny_vae(job["vae"], overrides)
     finally:
         logging.getLogger().removeHandler(capture)

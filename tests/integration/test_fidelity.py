@@ -24,6 +24,7 @@ The measured maxima are recorded per test (record_property) and printed as one t
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 import json
 import os
@@ -36,7 +37,8 @@ from types import SimpleNamespace
 import pytest
 
 HERE = Path(__file__).resolve().parent
-VARIANTS = ("klein", "dev")
+VARIANTS = ("klein", "dev", "klein-dora")   # klein-dora: lora.type=dora on klein's files
+FAMILY = {"klein": "klein", "dev": "dev", "klein-dora": "klein"}
 SIGMAS = (0.3, 0.7, 0.95)
 RESOLUTION = 64                     # one 64 x 64 bucket: images are cached as they are, 4 x 4 latent tokens
 CAPTIONS = ("zxq ring, an orange ring on grey", "zxq, a small blue square")
@@ -100,8 +102,9 @@ def _dataset(folder: Path) -> Path:
     return folder
 
 
-def _train(root: Path, variant: str) -> SimpleNamespace:
-    """Tiny single files, a dataset, a trained LoRA, and the trained model rebuilt from the run's last checkpoint."""
+def _train(root: Path, variant: str, models: Path | None = None) -> SimpleNamespace:
+    """Tiny single files (or those in `models`), a dataset, a trained LoRA, and the trained model rebuilt from the
+    run's last checkpoint."""
     import torch
     from peft import set_peft_model_state_dict
 
@@ -113,14 +116,18 @@ def _train(root: Path, variant: str) -> SimpleNamespace:
     from flux2_lora_core.training import trainer
     from flux2_lora_core.training.lora import add_lora
 
-    write_tiny_model(root / "models", variant=variant, fmt="comfyui")
-    files = {part: root / "models" / name for part, name in COMFYUI_FILES[variant].items()}
+    family, dora = FAMILY[variant], variant.endswith("dora")
+    if models is None:
+        models = root / "models"
+        write_tiny_model(models, variant=family, fmt="comfyui")
+    files = {part: models / name for part, name in COMFYUI_FILES[family].items()}
     overrides = [f"model.path={files['transformer']}", f"model.vae={files['vae']}",
                  f"model.text_encoder={files['text_encoder']}", f"data.path={_dataset(root / 'data')}",
                  f"data.resolution={RESOLUTION}", "data.flip=false", f"cache.dir={root / 'cache'}",
                  f"output.dir={root / 'runs'}", f"output.name=fidelity-{variant}", "lora.rank=4",
-                 "lora.targets=attention_mlp", "train.steps=4", "train.lr=1e-2", "sample.steps=2"]
-    if variant == "klein":  # the tiny Qwen3 vocabulary; [dev]'s tokenizer is read from its text-encoder file
+                 "lora.targets=attention_mlp", "train.steps=4", "train.lr=1e-2", "sample.steps=2",
+                 f"lora.type={'dora' if dora else 'lora'}"]
+    if family == "klein":  # the tiny Qwen3 vocabulary; [dev]'s tokenizer is read from its text-encoder file
         overrides.append(f"model.tokenizer={files['tokenizer']}")
     config = load_config(None, overrides)
     result = trainer.train(config)
@@ -128,14 +135,15 @@ def _train(root: Path, variant: str) -> SimpleNamespace:
     cpu, f32 = torch.device("cpu"), torch.float32
     model, _ = load_transformer(files["transformer"], dtype=f32, device=cpu)
     base = {k: v.clone() for k, v in model.state_dict().items()}
-    add_lora(model, rank=config.lora.rank, alpha=config.lora.alpha, dropout=0.0, targets=config.lora.targets, seed=0)
+    add_lora(model, rank=config.lora.rank, alpha=config.lora.alpha, dropout=0.0, targets=config.lora.targets, seed=0,
+             dora=dora)
     tensors, _ = read_checkpoint(find_checkpoints(result.run_dir)[-1])
     set_peft_model_state_dict(model, tensors["adapter"])
     model.eval()
     cache, _ = cache_for_config(config)
     sources = resolve_sources(files["transformer"], vae=files["vae"], text_encoder=files["text_encoder"],
                               tokenizer=config.model.tokenizer)
-    return SimpleNamespace(variant=variant, root=root, files=files, config=config, lora=result.lora_path,
+    return SimpleNamespace(variant=variant, family=family, root=root, files=files, config=config, lora=result.lora_path,
                            model=model, base=base, cache=cache, index=[i.path for i in cache.items].index("img0.png"),
                            tokenizer=load_tokenizer(sources.tokenizer, sources.text_encoder), sources=sources,
                            vae=load_vae(files["vae"], dtype=f32, device=cpu))
@@ -143,7 +151,11 @@ def _train(root: Path, variant: str) -> SimpleNamespace:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    return {variant: _train(tmp_path_factory.mktemp(f"fidelity-{variant}"), variant) for variant in VARIANTS}
+    runs: dict = {}
+    for variant in VARIANTS:   # klein-dora trains on klein's very files: ComfyUI finds one file per name
+        models = runs["klein"].files["transformer"].parent.parent if variant == "klein-dora" else None
+        runs[variant] = _train(tmp_path_factory.mktemp(f"fidelity-{variant}"), variant, models)
+    return runs
 
 
 def _noisy_latents(run) -> dict:
@@ -170,7 +182,7 @@ def comfyui(trained, tmp_path_factory):
             "text_encoder": str(run.files["text_encoder"]), "tokenizer": str(run.files["tokenizer"]),
             "lora": str(run.lora), "prompt": CAPTIONS[0], "image": str(run.root / "data" / "img0.png"),
             "inputs": str(work / f"{variant}-inputs.safetensors"), "sigmas": list(SIGMAS),
-            "guidance": GUIDANCE if variant == "dev" else None, "sample": SAMPLE}
+            "guidance": GUIDANCE if run.family == "dev" else None, "sample": SAMPLE, "family": run.family}
     alone = work / "text_encoders" / trained["klein"].files["text_encoder"].name  # nothing beside it
     alone.parent.mkdir()
     shutil.copy(trained["klein"].files["text_encoder"], alone)
@@ -202,14 +214,16 @@ def test_comfyui_loads_every_lora_key_and_patches_base_plus_the_trained_delta(tr
     run, (results, tensors) = trained[variant], comfyui
     info, got = results[variant], tensors[variant]
     assert info["lora_warnings"] == [], info["lora_warnings"]
-    lora_layers = {k.rsplit(".lora_", 1)[0] for k in load_file(str(run.lora))}
+    lora_layers = {k.rsplit(".lora_", 1)[0] for k in load_file(str(run.lora)) if ".lora_" in k}   # not dora_scale
     assert info["lora_patched_layers"] == len(lora_layers)          # every layer of the file patched
 
-    expected = dict(run.base)                                    # diffusers names, base + peft's own delta
+    expected = dict(run.base)                       # diffusers names, the base merged with the LoRA by peft itself
     with torch.no_grad():
         for name, module in run.model.named_modules():
             if isinstance(module, LoraLayer):
-                expected[f"{name}.weight"] = module.base_layer.weight + module.get_delta_weight("default")
+                merged = copy.deepcopy(module)             # peft's merge: W + dW, or for DoRA m/||W + dW|| (W + dW)
+                merged.merge(safe_merge=True)
+                expected[f"{name}.weight"] = merged.get_base_layer().weight
     # ComfyUI holds the RMSNorm scales that BFL files call `.scale` as `.weight`.
     expected = {(k[:-len(".scale")] + ".weight" if k.endswith(".scale") else k): v
                 for k, v in transformer_to_bfl(expected).items()}
@@ -237,7 +251,7 @@ def test_comfyui_denoiser_gives_the_trained_models_velocity(trained, comfyui, va
         with torch.no_grad():
             velocity = predict_velocity(run.model, x_t, text, torch.tensor([sigma]), img_ids=image_ids(4, 4),
                                         txt_ids=text_ids(text.shape[1]),
-                                        guidance=GUIDANCE if variant == "dev" else None)
+                                        guidance=GUIDANCE if run.family == "dev" else None)
         comfyui_velocity = (x_t - got[f"denoised/{sigma}"]) / sigma    # ComfyUI's CONST: D = x - sigma v
         worst = max(worst, (velocity - comfyui_velocity).abs().max().item())
     record(record_property, variant, "denoiser", worst)
@@ -250,9 +264,9 @@ def test_cached_prompt_embedding_is_comfyuis_text_encoding(trained, comfyui, var
 
     run, (results, tensors) = trained[variant], comfyui
     got = tensors[variant]
-    if variant == "dev":  # no tokenizer folder was named: the engine read the file's own tekken_model
+    if run.family == "dev":  # no tokenizer folder was named: the engine read the file's own tekken_model
         assert run.sources.tokenizer == run.files["text_encoder"]
-    batch = tokenize_prompts(run.tokenizer, [CAPTIONS[0]], family=variant, mode="comfyui")
+    batch = tokenize_prompts(run.tokenizer, [CAPTIONS[0]], family=run.family, mode="comfyui")
     assert batch.input_ids[0][:batch.keep[0]].tolist() == results[variant]["token_ids"]["prompt"]
     cached = run.cache.text(run.index)                                  # (512, 96): [dev] zero rows in front
     comfyui_text = got["text/prompt"][0]                                # (L, 96): [klein] 512, [dev] the prompt's
@@ -281,7 +295,7 @@ def test_engine_sample_is_comfyuis_flux2_scheduler_euler_sample(trained, comfyui
     from flux2_lora_core.training.sampling import sample_tokens
 
     run, got = trained[variant], comfyui[1][variant]
-    (tokens,) = sample_tokens(run.model, run.vae, variant, [run.cache.text(run.index)], run.cache.text(None),
+    (tokens,) = sample_tokens(run.model, run.vae, run.family, [run.cache.text(run.index)], run.cache.text(None),
                               size=SAMPLE["size"], steps=SAMPLE["steps"], guidance=GUIDANCE, seed=SAMPLE["seed"],
                               dtype=torch.float32)                      # (1, h*w, 128)
     side = SAMPLE["size"] // 16

@@ -89,6 +89,16 @@ def test_save_lora_saves_the_moving_average_when_the_run_kept_one(comfyui, setup
     assert error["node_type"] == "Flux2LoraSaveLora" and "ema_decay" in error["exception_message"]
 
 
+def test_configure_lora_trains_a_dora_that_loraloader_lists(comfyui, setup, graph):
+    models, _ = setup
+    entry = comfyui.run(graph(name="dora", steps=1, lora_type="dora"))
+    assert status(entry) == "success", json.dumps(entry["status"], indent=1)[-6000:]
+    with safe_open(models / "loras" / "dora.safetensors", "pt") as f:
+        assert any(k.endswith(".dora_scale") for k in f.keys())
+    assert "dora.safetensors" in comfyui.get_json("/object_info/LoraLoader")["LoraLoader"]["input"]["required"][
+        "lora_name"][0]
+
+
 def test_bad_settings_stop_the_graph_at_train_naming_the_setting(comfyui, setup, graph):
     entry = comfyui.run(graph(name="bad", targets="regex:("))
     assert status(entry) == "error"
