@@ -33,11 +33,12 @@ from . import distributed
 from .block_swap import unswap_blocks
 from .callbacks import Callbacks, StepReport
 from .flow_matching import PositionIds, sample_sigmas, shift_sigmas, training_loss
-from .ema import ema_state, make_ema
-from .lora import add_lora, comfyui_dora, load_initial_lora, read_initial_lora, trainable_parameters
-from .metrics import MetricsLog, plot_training_curves, step_profiler
+from .ema import make_ema
+from .lora import add_lora, load_initial_lora, read_initial_lora, trainable_parameters
+from .metrics import MetricsLog, step_profiler
 from .model_setup import prepare_model
 from .optimization import make_optimizer
+from .outputs import write_outputs
 from .prefetch import Prefetcher, prefetcher_for
 from .run_folder import new_run_dir, write_run_json
 from .sharding import check_sharding, full, shard_transformer
@@ -421,30 +422,7 @@ def _log(s: Session, pending, norm, validation_loss: float | None = None) -> lis
     return losses
 
 
-# ---------------------------------------------------------------------------------------------- save
-def save(s: Session, path: Path | None = None, lora: dict | None = None, *, averaged: bool = False) -> Path:
-    """The LoRA in ComfyUI-native form (loads in diffusers too) with its metadata: lora/<name>.safetensors
-    unless `path` is given. `lora`: its peft tensors when already gathered (a sharded base, or the moving average:
-    `averaged`, recorded in the metadata)."""
-    from ..lora_files import lora_metadata, lora_state_dict, save_lora
-
-    c = s.config
-    metadata = lora_metadata(
-        variant=s.variant.name, rank=c.lora.rank, alpha=c.lora.alpha, targets=s.targets,
-        extra={"steps": s.step, "resolution": list(c.data.resolution), "trigger_word": c.data.trigger_word,
-               "dataset_fingerprint": s.cache.fingerprint, "base_model_fingerprint": s.base_fingerprint,
-               "text_conditioning": c.model.text_conditioning, "name": c.output.name, "lr": c.train.lr,
-               "batch_size": c.train.batch_size, "images": len(s.cache), "seed": c.train.seed,
-               "family": s.variant.family, "max_steps": c.train.steps, "distilled_base": s.distilled or None,
-               **({"ema_decay": c.train.ema_decay} if averaged else {})})
-    tensors = comfyui_dora(s.transformer, lora if lora is not None else lora_state_dict(s.transformer),
-                           c.lora.alpha / c.lora.rank)   # a DoRA's magnitudes as ComfyUI's dora_scale
-    path = save_lora(path or s.run_dir / "lora" / f"{c.output.name}.safetensors", tensors, fmt="comfyui",
-                     rank=c.lora.rank, alpha=c.lora.alpha, metadata=metadata)
-    log.info("LoRA written to %s", path)
-    return path
-
-
+# ---------------------------------------------------------------------------------------------- the end
 def cleanup(s: Session, *, release_model: bool) -> None:
     s.metrics.close()
     s.cache.close()
@@ -486,19 +464,7 @@ def train(config: Config, callbacks: Callbacks | None = None, *, encoders=None, 
             if stopped and s.step == s.start_step:   # stopped before the first step: nothing new to save
                 return TrainingResult(s.run_dir, None, s.step, True, [], [], None)
             callbacks.on_phase("saving")
-            lora_path = curves = None
-            save_checkpoint(s)        # at the end, or where a stop request ended the run: resumable either way
-            if s.sharded:
-                from ..lora_files import lora_state_dict
-
-                lora = lora_state_dict(s.transformer)   # gathered by every rank, written by rank 0
-            averaged = ema_state(s.ema) if s.ema and (s.sharded or s.ranks.main) else None
-            if s.ranks.main:          # the only rank that writes
-                lora_path = save(s, lora=lora if s.sharded else None)
-                if averaged:
-                    save(s, lora_path.with_name(f"{lora_path.stem}_ema.safetensors"), lora=averaged, averaged=True)
-                curves = plot_training_curves(s.run_dir / "metrics.jsonl", s.run_dir / "training_curves.png",
-                                              title=f"{config.output.name} ({s.variant.name})")
+            lora_path, curves = write_outputs(s)   # checkpoint, LoRA (and its average), curves: outputs.py
             if not stopped:
                 try:
                     sample(s, callbacks)
