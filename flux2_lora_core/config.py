@@ -153,6 +153,8 @@ class DataConfig(_Section):
     validation_split: float = option(0.0, "fraction of the images held out of training to measure a validation loss "
                                      "on (every train.validate_every steps; it then picks the best checkpoint); "
                                      "0: none", check=_fraction)
+    validation_path: str = option("", "a folder of held-out images with captions (the dataset's layout) to measure "
+                                  "the validation loss on, instead of data.validation_split", path=True)
 
 
 @dataclass(frozen=True)

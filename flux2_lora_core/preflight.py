@@ -35,6 +35,12 @@ def training_problems(config: Config, *, run_dir=None) -> list[tuple[str, str]]:
                                                "the learning rate would never reach train.lr"))
     if t.warmup_steps and t.lr_scheduler == "constant":
         problems.append(("train.lr_scheduler", "'constant' ignores train.warmup_steps: use constant_with_warmup"))
+    d = config.data
+    if d.validation_path and not Path(d.validation_path).is_dir():
+        problems.append(("data.validation_path", f"{d.validation_path!r} is not a folder: give one of held-out "
+                                                 "images with their captions"))
+    if d.validation_path and d.validation_split:
+        problems.append(("data.validation_split", "set with data.validation_path: use one of them"))
     if config.lora.init_from and not Path(config.lora.init_from).is_file():
         problems.append(("lora.init_from", f"{config.lora.init_from!r} is not a file: give a LoRA .safetensors"))
     targets = config.lora.targets.strip()

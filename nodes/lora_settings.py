@@ -16,7 +16,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..flux2_lora_core.config import PRESETS, SCHEDULES
-from .folders import NEW_LORA, lora_choices, lora_to_continue
+from .folders import NEW_LORA, dataset_folder, lora_choices, lora_to_continue
 
 # widget -> config key
 KEYS = {
@@ -33,7 +33,7 @@ KEYS = {
     "loss_weighting": "train.loss_weighting", "max_grad_norm": "train.max_grad_norm",
     "weight_decay": "train.weight_decay", "guidance": "train.guidance", "compile": "train.compile",
     "init_from": "lora.init_from", "ema_decay": "train.ema_decay", "validation_split": "data.validation_split",
-    "validate_every": "train.validate_every", "lora_type": "lora.type",
+    "validate_every": "train.validate_every", "lora_type": "lora.type", "validation_folder": "data.validation_path",
 }
 PRESET_NAMES = ["none", *PRESETS]
 
@@ -80,6 +80,7 @@ def inputs() -> list:
         io.Float.Input("validation_split", default=0.0, min=0.0, max=0.5, step=0.01, optional=True, tooltip="data.validation_split: fraction of the images held out of training; their loss at fixed noise is measured every validate_every steps, drawn in red on the live chart, and picks the best checkpoint. 0.1-0.2 with 20+ images; 0: off."),
         io.Int.Input("validate_every", default=100, min=1, max=1000000, optional=True, tooltip="train.validate_every: measure the held-out loss every N steps (and at the end)."),
         io.Combo.Input("lora_type", options=["lora", "dora"], default="lora", optional=True, advanced=True, tooltip="lora.type: lora (default), or dora: a trained magnitude per output row as well (weight-decomposed LoRA), often closer to full fine-tuning at the same rank; a little slower. Saved with ComfyUI's dora_scale keys; needs a bf16/fp32 base (no quantization)."),
+        io.String.Input("validation_folder", default="", optional=True, tooltip="data.validation_path: a folder of held-out images with captions in ComfyUI's input directory (like Load Dataset's folder), scored every validate_every steps instead of validation_split. Empty: none."),
     ]
 
 
@@ -98,4 +99,6 @@ def sections(widgets: dict, defaults: dict) -> dict:
         section, name = key.split(".")
         result.setdefault(section, {})[name] = values[widget]
     result["lora"]["init_from"] = lora_to_continue(result["lora"]["init_from"])   # a name in models/loras
+    held = result["data"]["validation_path"].strip()
+    result["data"]["validation_path"] = dataset_folder(held, "validation_folder") if held else ""   # input/ only
     return result

@@ -26,7 +26,7 @@ MADE_BY = {"FLUX2_DATASET": "Load Dataset", "FLUX2_MODEL": "Load Training Model"
 SOCKET_OF = {"dataset": "FLUX2_DATASET", "model": "FLUX2_MODEL", "cache": "FLUX2_CACHE",
              "lora_config": "FLUX2_LORA_CONFIG", "run": "FLUX2_RUN"}  # input name -> socket type, the same everywhere
 LORA_SECTIONS = frozenset({"lora", "train", "sample", "checkpoint", "data"})  # what Configure LoRA's dict may set
-LORA_DATA_KEYS = frozenset({"validation_split"})   # ...of data.*: never a path (the dataset is Load Dataset's)
+LORA_DATA_KEYS = frozenset({"validation_split", "validation_path"})   # ...of data.*: the held-out images only
 
 
 def refuse_at_queue(node: type[io.ComfyNode], input_types: dict | None = None, sockets: dict | None = None,

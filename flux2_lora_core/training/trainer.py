@@ -43,7 +43,7 @@ from .prefetch import Prefetcher, prefetcher_for
 from .run_folder import new_run_dir, write_run_json
 from .sharding import check_sharding, full, shard_transformer
 from .sampling import DISTILLED_STEPS
-from .validation import validator_for
+from .validation import validation_cache, validator_for
 from .state import save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -132,6 +132,7 @@ def setup(config: Config, callbacks: Callbacks, encoders=None, transformer=None,
     cache, encoders = cache_for_config(config, encoders=encoders, progress=callbacks.on_progress,
                                        prompts=config.sample.prompts,
                                        team=distributed.Team(ranks) if ranks.many else None)   # a share each
+    held_cache = validation_cache(config, encoders, distributed.Team(ranks) if ranks.many else None)
     prompts, embeds = _sample_prompts(config, cache)
     if t.batch_size > 1:
         lengths = {i: cache.text_length(i) for i in range(len(cache))}
@@ -178,7 +179,7 @@ def setup(config: Config, callbacks: Callbacks, encoders=None, transformer=None,
         if initial:
             load_initial_lora(transformer, initial, config.lora.init_from, targets=config.lora.targets)
         session = _finish_setup(config, callbacks, cache, encoders, transformer, variant, targets, dtype, device,
-                                base_fingerprint, prompts, embeds, resume, ranks)
+                                base_fingerprint, prompts, embeds, resume, ranks, held_cache)
         session.distilled = distilled
         return session
     except BaseException:
@@ -187,7 +188,7 @@ def setup(config: Config, callbacks: Callbacks, encoders=None, transformer=None,
 
 
 def _finish_setup(config, callbacks, cache, encoders, transformer, variant, targets, dtype, device,
-                  base_fingerprint, prompts, embeds, resume, ranks=distributed.SINGLE) -> Session:
+                  base_fingerprint, prompts, embeds, resume, ranks=distributed.SINGLE, held_cache=None) -> Session:
     from diffusers.optimization import get_scheduler
 
     data, t = config.data, config.train
@@ -203,7 +204,7 @@ def _finish_setup(config, callbacks, cache, encoders, transformer, variant, targ
                               num_training_steps=t.steps)
     run_dir = resume[0] if resume else distributed.broadcast(ranks, new_run_dir(config) if ranks.main else None)
     # One stream of global batches (train.batch_size per rank x ranks): every rank draws the same, trains its share.
-    validator, held = validator_for(config, cache)
+    validator, held = validator_for(config, cache, held_cache)
     streams = {r: BatchStream(cache, r, t.batch_size * ranks.world, t.seed, exclude=held) for r in data.resolution}
     session = Session(config, run_dir, cache, encoders, transformer, variant, targets, optimizer, scheduler, scaler,
                       autocast_dtype, device, dtype, streams, torch.Generator("cpu").manual_seed(t.seed),
@@ -426,6 +427,8 @@ def _log(s: Session, pending, norm, validation_loss: float | None = None) -> lis
 def cleanup(s: Session, *, release_model: bool) -> None:
     s.metrics.close()
     s.cache.close()
+    if s.validator is not None and s.validator.cache is not None:
+        s.validator.cache.close()
     if release_model:
         unswap_blocks(s.transformer, restore=False)
         release(s.transformer)

@@ -6,10 +6,11 @@ LoRA that has started to memorise its images shows no sign in it. On held-out im
 loss falls while the LoRA learns what generalises and turns up once it overfits; the checkpoint kept as "best"
 is then the one with the lowest validation loss instead of the lowest smoothed training loss.
 
-The held-out images are chosen by the seed from the image paths (so the same data and seed hold out the same
-images on every machine), cached with the rest, and left out of the batch streams. Each is scored at the run's
-last resolution, with its own caption, at the noise levels LEVELS with noise drawn from a generator seeded
-anew at every evaluation.
+The held-out images are either chosen by the seed from the image paths (so the same data and seed hold out the
+same images on every machine), cached with the rest and left out of the batch streams, or a folder of their own
+(data.validation_path, cached as a dataset of its own by the same encoders). Each is scored at the run's last
+resolution, with its own caption, at the noise levels LEVELS with noise drawn from a generator seeded anew at
+every evaluation.
 """
 
 from __future__ import annotations
@@ -47,8 +48,9 @@ def held_out(cache, split: float, seed: int) -> list[int]:
 class Validator:
     """The validation loss of a session's transformer on the held-out images."""
 
-    def __init__(self, indices: list[int], resolution: int, seed: int):
-        self.indices, self.resolution, self.seed = indices, resolution, seed
+    def __init__(self, indices: list[int], resolution: int, seed: int, cache=None):
+        """`cache`: where the held-out images are (a validation folder's own); None: the training cache."""
+        self.indices, self.resolution, self.seed, self.cache = indices, resolution, seed, cache
 
     @torch.no_grad()
     def loss(self, s) -> float:
@@ -60,12 +62,13 @@ class Validator:
         was_training = s.transformer.training
         s.transformer.eval()
         total = torch.zeros((), device=s.device)
+        cache = self.cache or s.cache
         try:
             for index in self.indices:
-                x0 = s.cache.latent(index, self.resolution)                    # (128, h, w)
+                x0 = cache.latent(index, self.resolution)                      # (128, h, w)
                 noise = torch.randn((len(LEVELS), *x0.shape), generator=generator)
                 x0 = x0.to(s.device, s.dtype)[None].expand(len(LEVELS), *x0.shape)
-                text = s.cache.text(index).to(s.device, s.dtype)[None].expand(len(LEVELS), -1, -1)
+                text = cache.text(index).to(s.device, s.dtype)[None].expand(len(LEVELS), -1, -1)
                 img_ids, txt_ids = s.ids.get(x0.shape[2], x0.shape[3], text.shape[1], s.device)
                 with autocast:
                     total += training_loss(s.transformer, x0, text, noise=noise.to(s.device, s.dtype),
@@ -77,9 +80,27 @@ class Validator:
         return float(total) / len(self.indices)
 
 
-def validator_for(config, cache) -> tuple[Validator | None, list[int]]:
-    """(the run's Validator or None, the held-out indices the batch streams leave out)."""
+def validator_for(config, cache, held_cache=None) -> tuple[Validator | None, list[int]]:
+    """(the run's Validator or None, the held-out indices the batch streams leave out). `held_cache`: the
+    validation folder's cache (validation_cache), whose every image is scored."""
+    if held_cache is not None:
+        return Validator(list(range(len(held_cache))), config.data.resolution[-1], config.train.seed + 1,
+                         held_cache), []
     indices = held_out(cache, config.data.validation_split, config.train.seed)
     if not indices:
         return None, []
     return Validator(indices, config.data.resolution[-1], config.train.seed + 1), indices
+
+
+def validation_cache(config, encoders, team=None):
+    """The validation folder's latent cache (None without data.validation_path): the same encoders, resolutions
+    and settings as the training data, one repeat, no flips; every image of it is scored."""
+    if not config.data.validation_path:
+        return None
+    from ..cache import cache_for_config
+
+    held = config.replace(data={"path": config.data.validation_path, "validation_path": "", "repeats": 1,
+                                "flip": False, "trigger_word": config.data.trigger_word})
+    cache, _ = cache_for_config(held, encoders=encoders, team=team)
+    log.info("validation: %d images of %s", len(cache), config.data.validation_path)
+    return cache

@@ -99,6 +99,18 @@ def test_configure_lora_trains_a_dora_that_loraloader_lists(comfyui, setup, grap
         "lora_name"][0]
 
 
+def test_a_validation_folder_in_input_is_scored_and_one_outside_is_refused(comfyui, setup, graph):
+    write_demo_dataset(comfyui.input_dir / "ring_held", count=2, size=256)
+    entry = comfyui.run(graph(name="held", steps=2, validate_every=1, validation_folder="ring_held"))
+    assert status(entry) == "success", json.dumps(entry["status"], indent=1)[-6000:]
+    rows = (comfyui.base / "output" / "flux2_lora" / "held" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in rows if "validation_loss" in json.loads(r)] == [1, 2]
+    entry = comfyui.run(graph(name="held_out", steps=1, validation_folder="../ring_held"))
+    assert status(entry) == "error"
+    (error,) = [data for name, data in entry["status"]["messages"] if name == "execution_error"]
+    assert "validation_folder" in error["exception_message"], error["exception_message"]
+
+
 def test_bad_settings_stop_the_graph_at_train_naming_the_setting(comfyui, setup, graph):
     entry = comfyui.run(graph(name="bad", targets="regex:("))
     assert status(entry) == "error"

@@ -59,3 +59,23 @@ def test_a_run_logs_plots_reports_and_checkpoints_its_validation_loss(workspace,
     state = json.loads((result.run_dir / "checkpoints" / "step_000004" / "state.json").read_text())
     assert state["validation_loss"] == measured[4]
     assert (result.run_dir / "training_curves.png").stat().st_size > 0
+
+
+def test_a_validation_folder_is_cached_on_its_own_and_scored_whole(workspace, tmp_path):
+    from flux2_lora_core.data.demo_data import write_demo_dataset
+
+    held = tmp_path / "held"
+    write_demo_dataset(held, count=2, size=256)
+    s = trainer.setup(make_config(workspace, tmp_path, f"data.validation_path={held}", "sample.steps=0"), Callbacks())
+    try:
+        assert len(s.validator.cache) == 2 and s.validator.indices == [0, 1]
+        assert s.validator.cache.root != s.cache.root
+        drawn = {i for _ in range(20) for i in s.streams[64].next()}
+        assert drawn == set(range(len(s.cache)))                          # every training image is trained on
+        assert s.validator.loss(s) > 0
+    finally:
+        trainer.cleanup(s, release_model=True)
+    with pytest.raises(ConfigError) as error:
+        trainer.setup(make_config(workspace, tmp_path, f"data.validation_path={held}", "data.validation_split=0.2"),
+                      Callbacks())
+    assert error.value.problems[0][0] == "data.validation_split"
