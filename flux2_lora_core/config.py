@@ -200,8 +200,9 @@ class LoraConfig(_Section):
                           check=_positive)
     dropout: float = option(0.0, "dropout on the LoRA input, 0 to 0.5", check=_fraction)
     targets: str = option("attention_mlp", "attention | attention_mlp | module names 'to_q,to_k' | 'regex:<pattern>'")
-    type: str = option("lora", "lora | dora (weight-decomposed LoRA: a trained magnitude per output row as well; "
-                       "written with ComfyUI's dora_scale keys)", choices=("lora", "dora"))
+    type: str = option("lora", "lora | dora (weight-decomposed LoRA: a trained magnitude per output row as well) | "
+                       "lokr (Kronecker product) | loha (Hadamard product), each written in keys ComfyUI loads",
+                       choices=("lora", "dora", "lokr", "loha"))
     init_from: str = option("", "a LoRA .safetensors to continue training (ComfyUI, diffusers or kohya keys): its "
                             "rank and alpha replace lora.rank/alpha, its layers start as trained; empty: a new LoRA")
 

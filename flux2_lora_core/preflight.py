@@ -41,6 +41,8 @@ def training_problems(config: Config, *, run_dir=None) -> list[tuple[str, str]]:
                                                  "images with their captions"))
     if d.validation_path and d.validation_split:
         problems.append(("data.validation_split", "set with data.validation_path: use one of them"))
+    if config.lora.init_from and config.lora.type in ("lokr", "loha"):
+        problems.append(("lora.init_from", f"continues a LoRA, not a {config.lora.type}: use lora.type=lora or dora"))
     if config.lora.init_from and not Path(config.lora.init_from).is_file():
         problems.append(("lora.init_from", f"{config.lora.init_from!r} is not a file: give a LoRA .safetensors"))
     targets = config.lora.targets.strip()

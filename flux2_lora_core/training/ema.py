@@ -11,6 +11,7 @@ gathered whole to be written.
 from __future__ import annotations
 
 import logging
+import re
 
 import torch
 
@@ -33,8 +34,9 @@ def make_ema(transformer, params: list[torch.nn.Parameter], decay: float):
 def _peft_names(transformer) -> list[str]:
     """The peft state-dict name of each trainable parameter, in parameter order (the adapter name dropped, as
     get_peft_model_state_dict does)."""
-    return [name.replace(".lora_magnitude_vector.default.weight", ".lora_magnitude_vector").replace(".default.", ".")
-            for name, p in transformer.named_parameters() if p.requires_grad]
+    return [re.sub(r"\.default(?=\.|$)", "", name.replace(".lora_magnitude_vector.default.weight",
+                                                             ".lora_magnitude_vector"))
+            for name, p in transformer.named_parameters() if p.requires_grad]   # LoKr/LoHa: "<module>.lokr_w1"
 
 
 def ema_state(ema) -> dict[str, torch.Tensor]:

@@ -72,25 +72,35 @@ def resolve_targets(model: torch.nn.Module, targets: str) -> list[str]:
     return chosen
 
 
-def add_lora(transformer: torch.nn.Module, *, rank: int, alpha: float, dropout: float, targets: str,
-             seed: int, adapter_name: str = "default", dora: bool = False) -> list[str]:
-    """Add a trainable LoRA (float32 weights over a frozen base of any dtype); returns the targeted names.
+ADAPTER_TYPES = ("lora", "dora", "lokr", "loha")
 
-    LoRA A is initialised from `seed` (peft's Kaiming init, B = 0), so a fixed seed gives the same run
-    whatever was drawn from the global generator before. `dora`: peft's DoRA, whose magnitude starts as the
-    base rows' norms (B = 0: no change at the start either).
+
+def add_lora(transformer: torch.nn.Module, *, rank: int, alpha: float, dropout: float, targets: str,
+             seed: int, adapter_name: str = "default", kind: str = "lora") -> list[str]:
+    """Add a trainable adapter (float32 weights over a frozen base of any dtype); returns the targeted names.
+
+    The adapter is initialised from `seed` (peft's inits: LoRA A Kaiming, B = 0; LoKr/LoHa one factor zero), so a
+    fixed seed gives the same run whatever was drawn from the global generator before; every kind starts at no
+    change. `kind` (lora.type): peft's LoRA, DoRA (LoRA plus a magnitude per output row, starting at the base rows'
+    norms), LoKr (Kronecker product) or LoHa (Hadamard product), the latter two with lora.dropout as rank dropout.
     """
-    from peft import LoraConfig
-    from peft.tuners.lora import LoraLayer
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
     names = resolve_targets(transformer, targets)
-    if dora:   # DoRA normalises the base weight: it must be a plain one, not stored quantized
+    if kind not in ADAPTER_TYPES:
+        raise ConfigError([("lora.type", f"{kind!r} is not an adapter type: choose one of {', '.join(ADAPTER_TYPES)}")])
+    if kind != "lora":   # DoRA normalises the base weight, LoKr/LoHa wrap plain Linears: not stored quantized
         quantized = next((n for n in names if type(transformer.get_submodule(n)) is not torch.nn.Linear), None)
         if quantized:
-            raise ConfigError([("lora.type", f"dora needs plain weights, but {quantized} is stored quantized "
+            raise ConfigError([("lora.type", f"{kind} needs plain weights, but {quantized} is stored quantized "
                                              "(model.quantization or a GGUF file): use lora.type=lora or a bf16 base")])
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=names,
-                        init_lora_weights=True, use_dora=dora)
+    if kind in ("lora", "dora"):
+        config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=names,
+                            init_lora_weights=True, use_dora=kind == "dora")
+    else:
+        config = (LoKrConfig if kind == "lokr" else LoHaConfig)(r=rank, alpha=alpha, rank_dropout=dropout,
+                                                                target_modules=names, init_weights=True)
     transformer.add_adapter(config, adapter_name=adapter_name)
     for parameter in trainable_parameters(transformer):
         parameter.data = parameter.data.float()  # optimizer state and updates in fp32 over a bf16 or fp8 base
@@ -99,9 +109,13 @@ def add_lora(transformer: torch.nn.Module, *, rank: int, alpha: float, dropout: 
     with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
         torch.manual_seed(seed)
         for module in transformer.modules():
-            if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
+            if not isinstance(module, BaseTunerLayer):
+                continue
+            if hasattr(module, "reset_lora_parameters") and adapter_name in module.lora_A:
                 module.reset_lora_parameters(adapter_name, True)
-    log.info("LoRA rank %d, alpha %g on %d layers (%s), %.2fM trainable parameters", rank, alpha, len(names),
+            elif hasattr(module, "reset_adapter_parameters"):
+                module.reset_adapter_parameters(adapter_name)
+    log.info("%s rank %d, alpha %g on %d layers (%s), %.2fM trainable parameters", kind, rank, alpha, len(names),
              targets, sum(p.numel() for p in trainable_parameters(transformer)) / 1e6)
     return names
 

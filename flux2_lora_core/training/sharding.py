@@ -30,9 +30,9 @@ def check_sharding(config) -> None:
     if m.blocks_to_swap:
         raise ConfigError([("train.fsdp", "cannot be combined with model.blocks_to_swap: sharding already spreads "
                                           "the weights over the GPUs; use one of them")])
-    if config.lora.type == "dora":
-        raise ConfigError([("train.fsdp", "cannot be combined with lora.type=dora yet: its ComfyUI file needs the "
-                                          "whole base weights")])
+    if config.lora.type != "lora":
+        raise ConfigError([("train.fsdp", f"cannot be combined with lora.type={config.lora.type} yet: sharding is "
+                                          "tested for LoRA only (a DoRA's file needs the whole base weights)")])
     if m.quantization != "none":
         raise ConfigError([("train.fsdp", f"cannot be combined with model.quantization={m.quantization!r} yet: "
                                           "shard a bf16 base, or quantize on one GPU")])

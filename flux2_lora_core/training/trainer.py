@@ -174,7 +174,7 @@ def setup(config: Config, callbacks: Callbacks, encoders=None, transformer=None,
         raise ConfigError([("model.path", "the transformer given already has a LoRA adapter "
                                           f"({', '.join(transformer.peft_config)}): pass the base model")])
     targets = add_lora(transformer, rank=config.lora.rank, alpha=config.lora.alpha, dropout=config.lora.dropout,
-                       targets=config.lora.targets, seed=t.seed, dora=config.lora.type == "dora")
+                       targets=config.lora.targets, seed=t.seed, kind=config.lora.type)
     try:
         if initial:
             load_initial_lora(transformer, initial, config.lora.init_from, targets=config.lora.targets)

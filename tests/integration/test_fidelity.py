@@ -37,8 +37,8 @@ from types import SimpleNamespace
 import pytest
 
 HERE = Path(__file__).resolve().parent
-VARIANTS = ("klein", "dev", "klein-dora")   # klein-dora: lora.type=dora on klein's files
-FAMILY = {"klein": "klein", "dev": "dev", "klein-dora": "klein"}
+VARIANTS = ("klein", "dev", "klein-dora", "klein-lokr", "klein-loha")   # klein-X: lora.type=X on klein's files
+FAMILY = {variant: variant.split("-")[0] for variant in VARIANTS}
 SIGMAS = (0.3, 0.7, 0.95)
 RESOLUTION = 64                     # one 64 x 64 bucket: images are cached as they are, 4 x 4 latent tokens
 CAPTIONS = ("zxq ring, an orange ring on grey", "zxq, a small blue square")
@@ -116,7 +116,7 @@ def _train(root: Path, variant: str, models: Path | None = None) -> SimpleNamesp
     from flux2_lora_core.training import trainer
     from flux2_lora_core.training.lora import add_lora
 
-    family, dora = FAMILY[variant], variant.endswith("dora")
+    family, kind = FAMILY[variant], (variant.split("-") + ["lora"])[1]
     if models is None:
         models = root / "models"
         write_tiny_model(models, variant=family, fmt="comfyui")
@@ -126,7 +126,7 @@ def _train(root: Path, variant: str, models: Path | None = None) -> SimpleNamesp
                  f"data.resolution={RESOLUTION}", "data.flip=false", f"cache.dir={root / 'cache'}",
                  f"output.dir={root / 'runs'}", f"output.name=fidelity-{variant}", "lora.rank=4",
                  "lora.targets=attention_mlp", "train.steps=4", "train.lr=1e-2", "sample.steps=2",
-                 f"lora.type={'dora' if dora else 'lora'}"]
+                 f"lora.type={kind}"]
     if family == "klein":  # the tiny Qwen3 vocabulary; [dev]'s tokenizer is read from its text-encoder file
         overrides.append(f"model.tokenizer={files['tokenizer']}")
     config = load_config(None, overrides)
@@ -136,7 +136,7 @@ def _train(root: Path, variant: str, models: Path | None = None) -> SimpleNamesp
     model, _ = load_transformer(files["transformer"], dtype=f32, device=cpu)
     base = {k: v.clone() for k, v in model.state_dict().items()}
     add_lora(model, rank=config.lora.rank, alpha=config.lora.alpha, dropout=0.0, targets=config.lora.targets, seed=0,
-             dora=dora)
+             kind=config.lora.type)
     tensors, _ = read_checkpoint(find_checkpoints(result.run_dir)[-1])
     set_peft_model_state_dict(model, tensors["adapter"])
     model.eval()
@@ -153,7 +153,7 @@ def _train(root: Path, variant: str, models: Path | None = None) -> SimpleNamesp
 def trained(tmp_path_factory):
     runs: dict = {}
     for variant in VARIANTS:   # klein-dora trains on klein's very files: ComfyUI finds one file per name
-        models = runs["klein"].files["transformer"].parent.parent if variant == "klein-dora" else None
+        models = runs["klein"].files["transformer"].parent.parent if variant.startswith("klein-") else None
         runs[variant] = _train(tmp_path_factory.mktemp(f"fidelity-{variant}"), variant, models)
     return runs
 
@@ -206,21 +206,25 @@ def comfyui(trained, tmp_path_factory):
 def test_comfyui_loads_every_lora_key_and_patches_base_plus_the_trained_delta(trained, comfyui, variant,
                                                                               record_property):
     import torch
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer
     from safetensors.torch import load_file
 
+    from flux2_lora_core.lora_files.lora_keys import bfl_target
     from flux2_lora_core.models.single_file import transformer_to_bfl
 
     run, (results, tensors) = trained[variant], comfyui
     info, got = results[variant], tensors[variant]
     assert info["lora_warnings"] == [], info["lora_warnings"]
-    lora_layers = {k.rsplit(".lora_", 1)[0] for k in load_file(str(run.lora)) if ".lora_" in k}   # not dora_scale
+    keys = load_file(str(run.lora)).keys()       # ComfyUI-named LoRA/DoRA layers; diffusers-named LoKr/LoHa ones
+    lora_layers = ({k.rsplit(".lora_", 1)[0] for k in keys if ".lora_" in k}
+                   | {"diffusion_model." + bfl_target(k[len("transformer."):].rpartition(".")[0]).module
+                      for k in keys if k.startswith("transformer.")})
     assert info["lora_patched_layers"] == len(lora_layers)          # every layer of the file patched
 
     expected = dict(run.base)                       # diffusers names, the base merged with the LoRA by peft itself
     with torch.no_grad():
         for name, module in run.model.named_modules():
-            if isinstance(module, LoraLayer):
+            if isinstance(module, BaseTunerLayer):
                 merged = copy.deepcopy(module)             # peft's merge: W + dW, or for DoRA m/||W + dW|| (W + dW)
                 merged.merge(safe_merge=True)
                 expected[f"{name}.weight"] = merged.get_base_layer().weight
