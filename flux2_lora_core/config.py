@@ -30,6 +30,7 @@ from typing import Any, NamedTuple, get_type_hints
 from .config_schema import (_build, _merge, _parse_override, _plain, _read_yaml, _Section, _sections, _set, _type_name,
                             config_root, option)
 from .errors import ConfigError
+from .presets import PRESETS  # noqa: F401  (config.PRESETS, as before)
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -245,8 +246,7 @@ class TrainConfig(_Section):
     ema_decay: float = option(0.0, "also keep an exponential moving average of the LoRA weights, saved as "
                               "<name>_ema.safetensors (0.99-0.999 typical: smoother than the last step); 0: off",
                               check=_fraction)
-    fsdp: bool = option(False, "under torchrun: shard the frozen base over the ranks (FSDP2), so a model too big "
-                        "for one GPU trains on several; off: every rank holds the whole base")
+    fsdp: bool = option(False, "under torchrun: shard the frozen base over the ranks (FSDP2); off: each holds it all")
     profile_steps: int = option(0, "write a torch.profiler trace of this many steps (after 2 warm-up steps)", min=0)
     prefetch_batches: int = option(2, "micro-batches a background thread reads ahead from the latent cache on a GPU "
                                    "(pinned on CUDA, for non-blocking copies; on the CPU it would only compete with "
@@ -314,22 +314,6 @@ class Config:
         for key, value in (updates or {}).items():
             _set(raw, key, value, problems, source=f"key {key!r}")
         return _build(raw, problems)
-
-
-# `--preset`: starting points from the audit, applied under the user's file and overrides.
-PRESETS: dict[str, dict] = {
-    # A person or character: identity lives in fine detail, so no flips (faces are not symmetric);
-    # a small rank keeps the LoRA from memorising backgrounds.
-    "character": {"lora": {"rank": 16, "alpha": 16.0}, "data": {"flip": False},
-                  "train": {"steps": 1500, "lr": 1e-4, "caption_dropout": 0.05}},
-    # A style touches every layer and every subject: more rank, flips, and caption dropout so the
-    # style also appears without its trigger.
-    "style": {"lora": {"rank": 32, "alpha": 32.0}, "data": {"flip": True},
-              "train": {"steps": 2000, "lr": 1e-4, "caption_dropout": 0.1}},
-    # An object or concept: between the two.
-    "concept": {"lora": {"rank": 16, "alpha": 16.0}, "data": {"flip": True},
-                "train": {"steps": 1200, "lr": 1e-4, "caption_dropout": 0.05}},
-}
 
 
 def default_cache_dir() -> Path:

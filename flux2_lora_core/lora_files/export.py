@@ -37,6 +37,7 @@ import torch
 from .. import __version__
 from ..errors import ConfigError, ExportError
 from . import lora_keys
+from .adapter_keys import LYCORIS, dora_split, lycoris_keys
 
 log = logging.getLogger(__name__)
 
@@ -119,53 +120,14 @@ def _modules(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, to
     return {m: (p["A"], p["B"]) for m, p in pairs.items()}
 
 
-def _dora_split(state: dict[str, torch.Tensor], fmt: str):
-    """(the LoRA's A/B entries, {peft module: ComfyUI dora_scale (out,)}) of a canonical state. A DoRA LoRA is
-    written in ComfyUI's form only, from training.lora.comfyui_dora's scales (they need the base weights)."""
-    scales = {k[:-len(".dora_scale")]: v for k, v in state.items() if k.endswith(".dora_scale")}
-    magnitude = next((k for k in state if k.endswith(".lora_magnitude_vector")), None)
-    if magnitude or (scales and fmt != "comfyui"):
-        raise ExportError(f"a DoRA LoRA ({magnitude or next(iter(scales))}) is written in ComfyUI's form only, by "
-                          "the trainer (its dora_scale needs the base model's weights): use the run's LoRA file")
-    return {k: v for k, v in state.items() if not k.endswith(".dora_scale")}, scales
-
-
-def _lycoris(state: dict[str, torch.Tensor], fmt: str, rank: int, alpha: float) -> dict[str, torch.Tensor]:
-    """A LoKr or LoHa (peft's names: `<module>.lokr_w1`, `.hada_w1_a`, ..., LyCORIS's own) in the keys ComfyUI's
-    LoKr and LoHa loaders read: `transformer.<diffusers module>.<name>`, which ComfyUI maps onto its FLUX.2 layers
-    (q, k and v onto their thirds of the fused qkv). peft scales by alpha / rank everywhere; ComfyUI by alpha / the
-    rank of a decomposed factor, and by 1 without one: then the scale is baked into lokr_w2 and no alpha written."""
-    if fmt != "comfyui":
-        raise ExportError("a LoKr or LoHa is written in ComfyUI's keys only (format comfyui, the default)")
-    modules: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in state.items():
-        module, _, name = key.rpartition(".")
-        if not name.startswith(_LYCORIS) or lora_keys.bfl_target(module) is None:
-            raise ExportError(f"not a FLUX.2 transformer LoKr/LoHa in peft names: {key!r}")
-        modules.setdefault(module, {})[name] = tensor
-    out = {}
-    for module, tensors in modules.items():
-        name = f"transformer.{module}"
-        decomposed = any(k in tensors for k in ("lokr_w1_a", "lokr_w2_a", "hada_w1_a"))
-        for key, tensor in tensors.items():
-            baked = not decomposed and key == "lokr_w2"
-            out[f"{name}.{key}"] = (tensor * (alpha / rank) if baked else tensor).contiguous()
-        if decomposed:
-            out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
-    return out
-
-
-_LYCORIS = ("lokr_", "hada_")
-
-
 def to_format(state: dict[str, torch.Tensor], *, fmt: str, rank: int, alpha: float) -> dict[str, torch.Tensor]:
     """The canonical state in `fmt`'s names (see the module docstring); the tensors keep their dtype. DoRA
-    entries (`<module>.dora_scale`, see _dora_split) become ComfyUI's `<layer>.dora_scale`, (out, 1); a LoKr or
-    LoHa is written by _lycoris."""
+    entries (`<module>.dora_scale`, see adapter_keys.dora_split) become ComfyUI's `<layer>.dora_scale`, (out, 1); a LoKr or
+    LoHa is written by adapter_keys.lycoris_keys."""
     _check(fmt, rank, alpha)
-    if any(key.rpartition(".")[2].startswith(_LYCORIS) for key in state):
-        return _lycoris(state, fmt, rank, alpha)
-    state, scales = _dora_split(state, fmt)
+    if any(key.rpartition(".")[2].startswith(LYCORIS) for key in state):
+        return lycoris_keys(state, fmt, rank, alpha)
+    state, scales = dora_split(state, fmt)
     modules = _modules(state)
     if fmt == "diffusers":
         return {f"transformer.{k}": v for k, v in state.items()}
@@ -352,7 +314,7 @@ def read_lora(path) -> tuple[dict[str, torch.Tensor], int, float, dict[str, str]
     if any(k.endswith((".dora_scale", ".lora_magnitude_vector")) for k in tensors):
         raise ExportError(f"{path}: a DoRA LoRA: it cannot be converted or continued here (its dora_scale depends "
                           "on the base weights it was trained on); use it in ComfyUI as it is")
-    if any(k.rpartition(".")[2].startswith(_LYCORIS) for k in tensors):
+    if any(k.rpartition(".")[2].startswith(LYCORIS) for k in tensors):
         raise ExportError(f"{path}: a LoKr or LoHa: it cannot be converted or continued here (only LoRAs can); use "
                           "it in ComfyUI as it is")
     fmt = _layout(path, tensors)

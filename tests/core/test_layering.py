@@ -22,7 +22,7 @@ LAYERS = [
     {"foundation": {"__init__", "errors", "disk", "exports"}},
     {"models": {"models"}},
     {"data": {"data"}},                               # reads a model variant's config to size the projected cache
-    {"configuration": {"config", "config_schema", "preflight"}},
+    {"configuration": {"config", "config_schema", "presets", "preflight"}},
     {"cache": {"cache"}},
     {"checkpoints": {"checkpoints"}, "lora_files": {"lora_files"}},
     {"training": {"training"}},
