@@ -60,7 +60,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     flags = {"data.path": args.path, "data.strict": args.strict, "data.min_images": args.min_images,
              "data.max_caption_tokens": args.max_caption_tokens, "data.caption_extensions": args.caption_ext,
              "data.resolution": args.resolution and [args.resolution], "data.trigger_word": args.trigger_word,
-             "data.recursive": args.recursive, "model.path": args.model, "model.variant": args.model_variant,
+             "data.recursive": args.recursive, "data.references": args.references, "model.path": args.model,
+             "model.variant": args.model_variant,
              "model.text_conditioning": args.text_conditioning}
     config = load_config(args.config).replace({key: value for key, value in flags.items() if value is not None})
     tokenizer = None
@@ -262,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trigger-word", help="prepended to every caption")
     p.add_argument("--no-recursive", dest="recursive", action="store_false", default=None,
                    help="do not scan sub-folders")
+    p.add_argument("--no-references", dest="references", action="store_false", default=None,
+                   help="check the targets without their reference images (data.references=false)")
     p.add_argument("--model", metavar="PATH", help="the model (model.path) whose tokenizer counts caption tokens; "
                                                    "without one they are estimated from the byte count")
     p.add_argument("--text-conditioning", choices=["comfyui", "diffusers"],

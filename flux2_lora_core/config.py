@@ -6,9 +6,8 @@ a new option is one line and a new section (lora, train, ...) is one dataclass a
 `Config`. This replaces a hand-written `if` per override (audit 3.3). Field names are also the node
 input names and the CLI keys, so one error message fits all three.
 
-Precedence, lowest first: the defaults, `base` (a preset, or a node's widget values), the YAML file,
-then the overrides in the order given. Every problem in all of them is raised together, as one
-ConfigError of (dotted key, message) pairs.
+Precedence, lowest first: the defaults, `base` (a preset, or a node's widget values), the YAML file, then the
+overrides in order. Every problem in all of them is raised at once, as one ConfigError of (dotted key, message) pairs.
 
 Paths stay strings: surrounding quotes and whitespace are stripped and `~` is expanded; a relative
 path stays relative, so it means "from the current directory of the process that uses it". Whether a
@@ -134,6 +133,7 @@ class DataConfig(_Section):
     trigger_word: str = option("", "prepended to every caption ('trigger, caption')")
     repeats: int = option(1, "times each image is seen per epoch", min=1)
     recursive: bool = option(True, "also read images in sub-folders")
+    references: bool = option(True, "use reference images beside the targets (edit LoRAs)")
     resolution: tuple[int, ...] = option((1024,), "a resolution or a schedule [512, 1024] (each is cached); "
                                          "multiples of 16 in 64..4096", check=_resolutions)
     buckets: bool = option(True, "aspect-ratio buckets; false: centre square crops")

@@ -22,13 +22,14 @@ class LoadDataset(io.ComfyNode):
             node_id="Flux2LoraLoadDataset",
             display_name="Load Dataset (FLUX.2 LoRA)",
             category=CATEGORY,
-            description="A folder of images with sidecar captions or a metadata.jsonl; kohya-style N_name folders repeat their images N times.",
+            description="A folder of images with sidecar captions or a metadata.jsonl; kohya-style N_name folders repeat their images N times. For an edit LoRA, <name>_ref.png beside <name>.png and images in a references/ sub-folder are the reference images of their targets (the caption is the edit instruction); they are never trained on as targets.",
             inputs=[
                 io.String.Input("folder", default="", placeholder="my_dataset (in ComfyUI/input)", tooltip="Dataset folder in ComfyUI's input directory; an absolute path only inside a folder the server's owner allowed (FLUX2_LORA_ALLOWED_ROOTS)."),
                 io.String.Input("caption_extensions", default="txt", tooltip="Sidecar caption extensions, comma-separated, first match wins."),
                 io.String.Input("trigger_word", default="", tooltip="Prepended to every caption ('trigger, caption')."),
                 io.Int.Input("repeats", default=1, min=1, max=1000, tooltip="Times each image is seen per epoch (multiplies N_name folder repeats)."),
                 io.Boolean.Input("recursive", default=True, tooltip="Also scan sub-folders."),
+                io.Boolean.Input("references", default=True, optional=True, tooltip="Use reference images (<name>_ref.png, references/<name>.png, a metadata.jsonl \"references\" list) with their targets, to train an edit LoRA. Off: text-to-image on the targets only; reference images are still never trained on as targets."),
             ],
             outputs=[Dataset.Output(display_name="dataset")],
         )
@@ -38,24 +39,25 @@ class LoadDataset(io.ComfyNode):
         return refuse_at_queue(cls, paths=[(dataset_folder, folder)])
 
     @classmethod
-    def fingerprint_inputs(cls, folder, caption_extensions, trigger_word, repeats, recursive):
+    def fingerprint_inputs(cls, folder, caption_extensions, trigger_word, repeats, recursive, references=True):
         # Re-run when files in the folder change, not only when the widgets do. Sizes and mtimes (plus
         # every caption) are enough to notice an edit and cost no image reads on each queue.
         try:
-            return cls._load(folder, caption_extensions, trigger_word, repeats, recursive).fingerprint(content=False)
+            dataset = cls._load(folder, caption_extensions, trigger_word, repeats, recursive, references)
+            return dataset.fingerprint(content=False)
         except (Flux2LoraError, OSError):
             return float("nan")  # execute reports the problem
 
     @classmethod
-    def execute(cls, folder, caption_extensions, trigger_word, repeats, recursive) -> io.NodeOutput:
-        return io.NodeOutput(cls._load(folder, caption_extensions, trigger_word, repeats, recursive))
+    def execute(cls, folder, caption_extensions, trigger_word, repeats, recursive, references=True) -> io.NodeOutput:
+        return io.NodeOutput(cls._load(folder, caption_extensions, trigger_word, repeats, recursive, references))
 
     @staticmethod
-    def _load(folder, caption_extensions, trigger_word, repeats, recursive):
+    def _load(folder, caption_extensions, trigger_word, repeats, recursive, references):
         from ..flux2_lora_core.data import load_dataset
 
         return load_dataset(dataset_folder(folder), caption_extensions=caption_extensions, trigger_word=trigger_word,
-                            repeats=repeats, recursive=recursive, confine_to=read_roots())
+                            repeats=repeats, recursive=recursive, confine_to=read_roots(), references=references)
 
 
 class ValidateDataset(io.ComfyNode):

@@ -108,6 +108,7 @@ class CacheLatents(io.ComfyNode):
         config = Config(model=model).replace(cache={"dir": cache_folder(cache_dir)}, data=dict(
             path=str(dataset.root), caption_extensions=list(dataset.caption_extensions),
             trigger_word=dataset.trigger_word, repeats=dataset.repeats, recursive=dataset.recursive,
+            references=dataset.references,
             resolution=resolution, buckets=buckets, max_aspect=max_aspect, flip=flip, confine_to=list(read_roots())))
         free_comfy_memory()
         with ComfyProgress("cache") as progress:

@@ -7,7 +7,7 @@ from ..exports import lazy_exports
 __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "buckets": ("BatchStream", "assign_bucket", "fit_to_bucket", "make_buckets", "resolution_at"),
     "captions": ("normalise_caption_extensions",),
-    "dataset": ("Dataset", "load_dataset"),
+    "dataset": ("Dataset", "DatasetItem", "load_dataset"),
     "demo_data": ("TRIGGER", "write_demo_dataset"),
     "images": ("file_sha256", "load_image_rgb", "probe_image"),
     "report": ("Problem", "ValidationReport", "skip_summary", "skipped_images"),

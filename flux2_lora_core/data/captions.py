@@ -11,6 +11,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from ..errors import ConfigError, DatasetError
 from .images import IMAGE_EXTENSIONS, open_regular_file
@@ -32,8 +33,19 @@ def _decode(path, data: bytes, final: bool) -> str:
                              f"offset {exc.start})", "re-save it as UTF-8") from None
 
 
-def parse_metadata_line(raw: bytes) -> tuple[str, str] | str:
-    """(file_name, text) from one metadata.jsonl line, or what is wrong with the line."""
+class MetadataEntry(NamedTuple):
+    """One metadata.jsonl line: the image, its caption and, for edit LoRAs, its reference images."""
+
+    file_name: str
+    text: str
+    references: tuple[str, ...] | None = None  # None: the line names none (sidecar or references/ ones apply)
+    references_error: str = ""  # what is wrong with the line's "reference"/"references" value, if anything
+
+
+def parse_metadata_entry(raw: bytes) -> MetadataEntry | str:
+    """The line's entry, or what is wrong with the line. "reference" (a path) and "references" (a list of
+    paths) are optional and may be combined, "reference" first; a value of the wrong type is not a bad line (the
+    caption still counts) but a `references_error`."""
     try:
         obj = json.loads(raw.decode("utf-8").lstrip("\ufeff"))
     except UnicodeDecodeError:
@@ -41,7 +53,23 @@ def parse_metadata_line(raw: bytes) -> tuple[str, str] | str:
     except ValueError as exc:
         return f"line is not valid JSON ({exc.msg}, column {exc.colno})"
     missing = [key for key in ("file_name", "text") if not isinstance(obj, dict) or not isinstance(obj.get(key), str)]
-    return f"line has no string {' or '.join(map(repr, missing))}" if missing else (obj["file_name"], obj["text"])
+    if missing:
+        return f"line has no string {' or '.join(map(repr, missing))}"
+    if "reference" not in obj and "references" not in obj:
+        return MetadataEntry(obj["file_name"], obj["text"])
+    one, many = obj.get("reference"), obj.get("references", [])
+    error = " and ".join(([] if one is None or isinstance(one, str) else ['"reference" is not a string (a path)'])
+                         + ([] if isinstance(many, list) and all(isinstance(r, str) for r in many)
+                            else ['"references" is not a list of strings (paths)']))
+    paths = ([one] if isinstance(one, str) else []) + ([r for r in many if isinstance(r, str)]
+                                                        if isinstance(many, list) else [])
+    return MetadataEntry(obj["file_name"], obj["text"], tuple(paths), error)
+
+
+def parse_metadata_line(raw: bytes) -> tuple[str, str] | str:
+    """(file_name, text) from one metadata.jsonl line, or what is wrong with the line."""
+    entry = parse_metadata_entry(raw)
+    return entry if isinstance(entry, str) else (entry.file_name, entry.text)
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,21 @@ Rules (kohya-compatible where kohya has one):
   never read as a repeat count.
 - Order: relative paths sorted component by component (code points, no locale), whatever the
   file system lists.
+Reference images (edit LoRAs train on reference image(s) + target + instruction caption); references.py sorts them:
+- Sidecar: beside target `a.png`, `a_ref.<ext>` and `a_ref<N>.<ext>` (any image extension) are its references, in
+  the order _ref, _ref1, _ref2, ...; an `x_ref.png` without an image `x.*` in its folder is an ordinary target.
+- Folder: a sub-folder named exactly `references` holds references of the images of the folder above it:
+  `references/a.<ext>`, then `references/a_<N>.<ext>` in numeric order (`references/img_1.png` belongs to a target
+  `img_1` if there is one). Only files directly in it are read, also with recursive off; it is never a dataset
+  sub-folder (no N_name repeats); a file there matching no target is noted (orphan_reference).
+- metadata.jsonl: a line's "reference": "path" and/or "references": ["path", ...] (checked as file_name is)
+  replace that image's sidecar and folder references.
+- Sidecar references come before folder ones. A reference is never a training target, also with `references`
+  off (then no item carries references); one file may serve several targets.
 `confine_to` (folders) keeps a scan inside them: the dataset folder must lie in one, and a link in it that leads
-out (to a file or a folder) is skipped with a note, never followed or read: for a server that must not read
-beyond the folders it serves. Without it, links are followed wherever they lead.
+out (to a file or a folder) is skipped with a note, never followed or read (references too: a metadata reference
+leading out is refused): for a server that must not read beyond the folders it serves. Without it, links are
+followed wherever they lead.
 Captions are read when asked for (`item.read_caption()`), never held: items store the sidecar path,
 or the metadata file with the line's byte offset. Problems found while scanning (bad metadata lines,
 unreadable folders, orphan captions) are kept as `notes` for `validate_dataset` to report.
@@ -29,11 +41,13 @@ import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from ..errors import ConfigError, DatasetError, PathNotAllowedError
-from .captions import CaptionSource, normalise_caption_extensions, parse_metadata_line, with_trigger
-from .images import IMAGE_EXTENSIONS, file_sha256, open_regular_file
+from .captions import CaptionSource, normalise_caption_extensions, with_trigger
+from .images import IMAGE_EXTENSIONS, file_sha256
+from .metadata import metadata_captions, metadata_references, read_metadata
+from .references import REFERENCES_FOLDER, find_references
 
 OTHER_IMAGE_EXTENSIONS = frozenset({".heic", ".heif", ".avif", ".jxl", ".jfif", ".svg", ".psd", ".dng"})
 SKIPPED_FOLDERS = frozenset({"__MACOSX", "@eaDir", "__pycache__"})  # plus every hidden ".name"
@@ -59,6 +73,7 @@ class DatasetItem:
     caption_source: CaptionSource | None = None
     repeats: int = 1
     trigger_word: str = ""
+    references: tuple[Path, ...] = ()  # absolute paths of its reference images, in order (edit LoRAs)
 
     def read_raw_caption(self) -> str:
         """The caption as written ("" when there is none); DatasetError if it cannot be read."""
@@ -79,6 +94,7 @@ class Dataset:
     recursive: bool = True
     metadata_file: str = "metadata.jsonl"
     notes: tuple[ScanNote, ...] = ()
+    references: bool = True  # the setting: whether items carry their reference images
 
     def __len__(self) -> int:
         return len(self.items)
@@ -108,7 +124,8 @@ class Dataset:
         return sum(item.repeats for item in self.items)
 
     def fingerprint(self, *, content: bool = True) -> str:
-        """SHA-256 over each item's relative path, image bytes, final caption and repeats.
+        """SHA-256 over each item's relative path, image bytes, final caption and repeats (and its references'
+        paths and bytes when it has any: a dataset without references keeps the fingerprint it had).
 
         Content hashes (default) rather than size+mtime: the latent cache this keys is expensive to
         rebuild, and copying or unzipping a dataset onto another machine changes every mtime while the
@@ -117,27 +134,32 @@ class Dataset:
         included, so a moved dataset keeps its fingerprint. Raises DatasetError (ImageError) for a file
         that cannot be read: validate first.
         """
-        def file_key(item: DatasetItem) -> str:
+        def file_key(path: Path) -> str:
             if content:
-                return file_sha256(item.image_path)
-            st = os.stat(item.image_path)
+                return file_sha256(path)
+            st = os.stat(path)
             return f"{st.st_size}:{st.st_mtime_ns}"
 
+        files = list(dict.fromkeys([i.image_path for i in self.items] + [r for i in self.items for r in i.references]))
         with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-            keys = list(pool.map(file_key, self.items))
+            keys = dict(zip(files, pool.map(file_key, files)))
         digest = hashlib.sha256(b"flux2-lora-dataset-v1\n")
-        for item, key in zip(self.items, keys):
-            record = [self.relative_path(item), key, item.read_caption(), item.repeats]
+        for item in self.items:
+            record = [self.relative_path(item), keys[item.image_path], item.read_caption(), item.repeats]
+            if item.references:
+                record.append([[self.relative_path(ref), keys[ref]] for ref in item.references])
             digest.update(json.dumps(record, ensure_ascii=True).encode() + b"\n")
         return digest.hexdigest()
 
 
 def load_dataset(path, *, caption_extensions=(".txt",), trigger_word: str = "", repeats: int = 1,
-                 recursive: bool = True, metadata_file: str = "metadata.jsonl", confine_to=()) -> Dataset:
+                 recursive: bool = True, metadata_file: str = "metadata.jsonl", confine_to=(),
+                 references: bool = True) -> Dataset:
     """Scan a dataset folder. Raises DatasetError when the path is not a folder or holds no images,
     PathNotAllowedError when it lies outside `confine_to`."""
-    dataset = scan_dataset(path, caption_extensions=caption_extensions, trigger_word=trigger_word,
-                           repeats=repeats, recursive=recursive, metadata_file=metadata_file, confine_to=confine_to)
+    dataset = scan_dataset(path, caption_extensions=caption_extensions, trigger_word=trigger_word, repeats=repeats,
+                           recursive=recursive, metadata_file=metadata_file, confine_to=confine_to,
+                           references=references)
     if not dataset.items:
         where = "it or its sub-folders" if recursive else "it (sub-folders were not scanned: recursive is off)"
         raise DatasetError(f"no images found in {dataset.root}: looked in {where} for "
@@ -146,7 +168,8 @@ def load_dataset(path, *, caption_extensions=(".txt",), trigger_word: str = "", 
 
 
 def scan_dataset(path, *, caption_extensions=(".txt",), trigger_word: str = "", repeats: int = 1,
-                 recursive: bool = True, metadata_file: str = "metadata.jsonl", confine_to=()) -> Dataset:
+                 recursive: bool = True, metadata_file: str = "metadata.jsonl", confine_to=(),
+                 references: bool = True) -> Dataset:
     """load_dataset, except that a folder without images gives an empty Dataset (for validation)."""
     exts = normalise_caption_extensions(caption_extensions)
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
@@ -154,30 +177,50 @@ def scan_dataset(path, *, caption_extensions=(".txt",), trigger_word: str = "", 
     roots = tuple(os.path.realpath(os.path.expanduser(str(folder))) for folder in confine_to)
     root = _dataset_root(path, roots)
     scan = _Scan(root, exts, bool(recursive), metadata_file, roots)
-    captions = scan.metadata_captions()
+    lines = read_metadata(scan)
+    listed = metadata_references(scan, lines)
+    refs = find_references(scan.images, scan.reference_files, {p for found, _ in listed.values() for p in found})
+    captions, chosen = metadata_captions(scan, lines, refs.files, listed)
+    used = {p for found in chosen.values() for p in found}
+    for parts in (p for p in refs.unattached if p not in used):
+        scan.note("warning", "orphan_reference", parts, "reference image with no target image of its name",
+                  "name it after its target (a_ref.png or references/a.png for a.png), or delete it")
     trigger = str(trigger_word or "")
     items = []
     for parts, folder_repeats in sorted(scan.images.items()):
+        if parts in refs.files:
+            continue
         stems = scan.captions.get(parts[:-1], {}).get(os.path.splitext(parts[-1])[0], {})
         sidecar = next((stems[e] for e in exts if e in stems), None)
         source = CaptionSource(sidecar) if sidecar else captions.get(parts)
-        items.append(DatasetItem(root.joinpath(*parts), source, folder_repeats * repeats, trigger))
+        own = chosen[parts] if parts in chosen else refs.by_target.get(parts, ())
+        own = tuple(root.joinpath(*p) for p in own) if references else ()
+        items.append(DatasetItem(root.joinpath(*parts), source, folder_repeats * repeats, trigger, own))
     # A caption beside an unsupported image (x.heic + x.txt) is not an orphan: the image is reported instead.
-    image_stems = {(parts[:-1], os.path.splitext(parts[-1])[0]) for parts in scan.images} | scan.unsupported
+    image_stems = {(p[:-1], os.path.splitext(p[-1])[0]) for p in scan.images if p not in refs.files} | scan.unsupported
+    reference_stems = {(p[:-1], os.path.splitext(p[-1])[0]) for p in refs.files}
     for folder, stems in sorted(scan.captions.items()):
         for stem, found in sorted(stems.items()):
             for path in sorted(found.values()) if (folder, stem) not in image_stems else ():
-                scan.note("warning", "orphan_caption", path, "caption file with no image of the same name",
-                          "add the image, rename the caption to match it, or delete it")
-    return Dataset(root, tuple(items), exts, trigger, repeats, bool(recursive), metadata_file, tuple(scan.notes))
+                if (folder, stem) in reference_stems:
+                    scan.note("warning", "orphan_caption", path, "caption of a reference image: not used (the "
+                              "target's caption is the edit instruction)", "delete it, or move its text into the "
+                              "target's caption")
+                else:
+                    scan.note("warning", "orphan_caption", path, "caption file with no image of the same name",
+                              "add the image, rename the caption to match it, or delete it")
+    return Dataset(root, tuple(items), exts, trigger, repeats, bool(recursive), metadata_file, tuple(scan.notes),
+                   bool(references))
 
 
 class _Scan:
-    """One walk over the folder tree: images, sidecar captions, metadata files and what went wrong."""
+    """One walk over the folder tree: images, sidecar captions, references/ folders, metadata files and what went
+    wrong."""
 
     def __init__(self, root: Path, exts: tuple[str, ...], recursive: bool, metadata_file: str, roots=()):
         self.root, self.exts, self.metadata_file, self.roots = root, exts, metadata_file, roots
-        self.images: dict[tuple[str, ...], int] = {}  # relative parts -> folder repeats
+        self.images: dict[tuple[str, ...], int] = {}  # relative parts -> folder repeats (sidecar references too)
+        self.reference_files: dict[tuple[str, ...], list[str]] = {}  # folder -> image names in its references/
         self.captions: dict[tuple[str, ...], dict[str, dict[str, Path]]] = {}  # folder -> stem -> ext -> path
         self.metadata: list[tuple[tuple[str, ...], Path]] = []
         self.unsupported: set[tuple[tuple[str, ...], str]] = set()  # (folder, stem) of images in formats not read
@@ -191,7 +234,9 @@ class _Scan:
                 lower = name.lower()
                 ext = os.path.splitext(lower)[1]
                 if is_dir:
-                    if recursive and key in seen:
+                    if name == REFERENCES_FOLDER:
+                        self._reference_folder(parts)
+                    elif recursive and key in seen:
                         self.note("warning", "folder_seen_twice", parts, "links back to a folder already scanned",
                                   "remove the link (it was skipped to avoid a loop or counting images twice)")
                     elif recursive:
@@ -206,8 +251,20 @@ class _Scan:
                     self.captions.setdefault(folder, {}).setdefault(stem, {})[cap] = self.root.joinpath(*parts)
                 elif ext in OTHER_IMAGE_EXTENSIONS:
                     self.unsupported.add((folder, os.path.splitext(name)[0]))
-                    self.note("warning", "unsupported_image", parts, f"{ext} files are not read",
-                              f"convert it to PNG or JPEG ({', '.join(sorted(IMAGE_EXTENSIONS))} are read)")
+                    self._unsupported(parts, ext)
+
+    def _reference_folder(self, folder):
+        """Images directly in a references/ folder: references, never targets; nothing below it is read."""
+        for name, is_dir, _ in self._entries(folder):
+            ext = os.path.splitext(name.lower())[1]
+            if not is_dir and ext in IMAGE_EXTENSIONS:
+                self.reference_files.setdefault(folder[:-1], []).append(name)
+            elif not is_dir and ext in OTHER_IMAGE_EXTENSIONS:
+                self._unsupported((*folder, name), ext)
+
+    def _unsupported(self, parts, ext):
+        self.note("warning", "unsupported_image", parts, f"{ext} files are not read",
+                  f"convert it to PNG or JPEG ({', '.join(sorted(IMAGE_EXTENSIONS))} are read)")
 
     def note(self, severity, code, parts, message, fix, line=None):
         rel = parts.relative_to(self.root).as_posix() if isinstance(parts, Path) else "/".join(parts) or None
@@ -253,55 +310,9 @@ class _Scan:
                       "convention)", "rename the folder if that is not intended, e.g. '10_name' for 10 repeats")
         return count
 
-    def metadata_captions(self) -> dict[tuple[str, ...], CaptionSource]:
-        """Read every metadata file once, deepest folder last so that it wins; keep offsets, not text."""
-        found: dict[tuple[str, ...], CaptionSource] = {}
-        for folder, path in sorted(self.metadata, key=lambda m: (len(m[0]), m[0])):
-            try:
-                with open_regular_file(path) as f:
-                    lines = f.readlines()
-            except OSError as exc:
-                self.note("error", "unreadable_metadata", path, f"cannot be read ({exc.strerror or exc})",
-                          "make it a readable text file")
-                continue
-            mine: dict[tuple[str, ...], int] = {}
-            offset = 0
-            for number, raw in enumerate(lines, 1):
-                start, offset = offset, offset + len(raw)
-                if raw.strip():
-                    entry = self._metadata_line(path, folder, number, raw, mine)
-                    if entry:
-                        found[entry[0]] = CaptionSource(path, number, start, entry[1])
-        return found
-
-    def _metadata_line(self, path, folder, number, raw, mine):
-        def bad(code, message, fix, severity="error"):
-            self.note(severity, code, path, message, fix, number)
-
-        entry = parse_metadata_line(raw)
-        if isinstance(entry, str):
-            return bad("metadata_invalid_line", entry, 'write one JSON object per line with string "file_name" '
-                       'and "text" keys, e.g. {"file_name": "a.png", "text": "a caption"}')
-        name = PurePosixPath(entry[0].replace("\\", "/"))
-        if name.is_absolute() or ".." in name.parts or not name.parts:
-            return bad("metadata_bad_file_name", f"file_name {entry[0]!r} is not inside the folder",
-                       "use a path relative to the folder that holds the metadata file")
-        target, full = (*folder, *name.parts), self.root.joinpath(*folder, *name.parts)
-        if target not in self.images and not os.path.lexists(full):
-            return bad("metadata_missing_file", f"file_name {entry[0]!r} does not exist",
-                       "fix the name or remove the line")
-        if target not in self.images and (os.path.splitext(name.name)[1].lower() not in IMAGE_EXTENSIONS
-                                          or os.path.isdir(full)):
-            return bad("metadata_not_image", f"file_name {entry[0]!r} is not a supported image",
-                       "point it at a .png/.jpg/.webp image or remove the line")
-        if target not in self.images:
-            return bad("metadata_skipped_file", f"file_name {entry[0]!r} is not part of the dataset (hidden, or in a "
-                       "sub-folder with recursive off)", "move the image or turn recursive on", "warning")
-        if target in mine:
-            bad("metadata_duplicate", f"file_name {entry[0]!r} is also on line {mine[target]}; this line is used",
-                "keep one line per image", "warning")
-        mine[target] = number
-        return target, entry[0]
+    def reaches_out(self, path) -> bool:
+        """Whether `path` (inside the dataset) leads out of the folders the scan is confined to."""
+        return bool(self.roots) and not _inside(os.path.realpath(path), self.roots)
 
 
 def _inside(real_path: str, roots: tuple[str, ...]) -> bool:

@@ -4,8 +4,8 @@ It also holds the one rule that reads it, shared by validate, cache and train (s
 dataset). A dataset should not be refused for a few broken files among many good ones, and training must not
 quietly go around them either. So validation reports every problem, and the rule decides from the report alone:
 - an error about one image (the file is broken, empty, not an image, too small; its caption cannot be read,
-  is not UTF-8 or is over `max_caption_tokens`) skips that image (`skipped_images`), and every command names it
-  (`skip_summary`);
+  is not UTF-8 or is over `max_caption_tokens`; one of its reference images has such an error) skips that image
+  (`skipped_images`), and every command names it (`skip_summary`);
 - an error about the dataset as a whole refuses it (`refusals`): no images, fewer than `min_images` left, a
   folder or metadata file that cannot be read, a bad metadata line. Skipping a file cannot fix those, and a
   lost metadata line would silently take captions away;
@@ -25,14 +25,17 @@ CODES = {  # code -> heading, in the order format_text shows them
     "empty_file": "empty files", "not_an_image": "not images", "unreadable_image": "unreadable images",
     "damaged_image": "damaged images", "truncated_image": "truncated images",
     "decompression_bomb": "images too large to open", "too_small": "images too small", "small_image": "small images",
+    "bad_reference": "images with an unusable reference image",
     "metadata_invalid_line": "bad metadata lines", "metadata_bad_file_name": "metadata names outside the folder",
     "metadata_missing_file": "metadata names missing files", "metadata_not_image": "metadata names non-images",
+    "metadata_bad_reference": "metadata references that cannot be used",
     "metadata_skipped_file": "metadata names images outside the dataset", "metadata_duplicate": "metadata duplicates",
     "unreadable_metadata": "unreadable metadata files", "caption_not_utf8": "captions not in UTF-8",
     "unreadable_caption": "unreadable captions", "metadata_changed": "metadata changed while checking",
     "caption_too_long": "captions over max_caption_tokens", "missing_caption": "images without a caption",
     "empty_caption": "empty captions", "long_caption": "long captions",
-    "orphan_caption": "captions without an image", "duplicate_image": "duplicate images",
+    "orphan_caption": "captions without an image", "orphan_reference": "reference images without a target",
+    "mixed_references": "images without reference images among edit pairs", "duplicate_image": "duplicate images",
     "animated_image": "animated or multi-page images", "unsupported_image": "unsupported image formats",
     "large_repeats": "very large repeat counts", "folder_seen_twice": "folders reached twice",
 }
@@ -49,8 +52,9 @@ class Problem:
     message: str
     fix: str
     line: int | None = None  # for metadata.jsonl problems
-    # The dataset image this is about (the image itself, or the image whose caption `path` is): an error with one
-    # skips that image; None for the dataset as a whole, folders, metadata lines and orphan captions.
+    # The dataset image this is about (the image itself, or the image whose caption `path` is or whose reference is
+    # unusable): an error with one skips that image; None for the dataset as a whole, folders, metadata lines and
+    # orphan captions.
     image: str | None = None
 
 
@@ -115,6 +119,9 @@ def _stat_lines(s: dict) -> list[tuple[str, str]]:
     im, cap, res, cache = s["images"], s["captions"], s["resolution"], s["latent_cache"]
     rows = [("images", f"{im['found']} found, {im['usable']} usable, {im['valid_pairs']} with a caption "
                        f"(valid pairs); {im['samples']} samples per epoch with repeats")]
+    if im.get("with_references"):
+        rows.append(("references", f"{im['with_references']} of {im['found']} images have reference images "
+                                   f"({im['references']} files): an edit dataset"))
     if cap["count"]:
         c, t = cap["chars"], cap["tokens"]
         rows.append(("captions", f"{cap['count']}: chars min {c['min']} / mean {c['mean']} / median {c['median']} / "
@@ -128,9 +135,10 @@ def _stat_lines(s: dict) -> list[tuple[str, str]]:
     shown += f", ... {len(counts) - 8} more" if len(counts) > 8 else ""
     rows.append((f"buckets @{s['buckets']['resolution']}", shown or "none"))
     images, texts = human_size(cache["image_latent_bytes"]), human_size(cache["text_embedding_bytes"])
+    refs = f" and {cache['references']} references" if cache.get("references") else ""
     rows.append(("latent cache", f"about {cache['total_human']} for {cache['model_variant']} in bf16: image latents "
-                                 f"{images} ({cache['images']} images) + text embeddings {texts} ({cache['captions']} "
-                                 f"captions incl. the empty one, x {TEXT_TOKENS} tokens "
+                                 f"{images} ({cache['images']} images{refs}) + text embeddings {texts} "
+                                 f"({cache['captions']} captions incl. the empty one, x {TEXT_TOKENS} tokens "
                                  f"x {cache['joint_attention_dim']})"))
     return rows
 

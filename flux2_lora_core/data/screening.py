@@ -41,7 +41,8 @@ def validate_data(data, *, dataset=None, tokenizer=None, text_conditioning: str 
     `data` is read by attribute (a config.DataConfig): data sits below the configuration layer."""
     if dataset is None:
         dataset = scan_dataset(data.path, caption_extensions=data.caption_extensions, trigger_word=data.trigger_word,
-                               repeats=data.repeats, recursive=data.recursive, confine_to=data.confine_to)
+                               repeats=data.repeats, recursive=data.recursive, confine_to=data.confine_to,
+                               references=data.references)
     return validate_dataset(dataset, strict=data.strict, min_images=data.min_images, resolution=data.resolution[-1],
                             max_caption_tokens=data.max_caption_tokens, model_variant=model_variant,
                             tokenizer=tokenizer, text_conditioning=text_conditioning)

@@ -58,16 +58,19 @@ class _Checked:
     caption_error: DatasetError | None = None
 
 
-def _check(item) -> _Checked:
-    out = _Checked()
+def _check_image(path, out: _Checked) -> _Checked:
     try:
-        out.info = probe_image(item.image_path)
-        out.digest = verify_image_file(item.image_path, out.info)
+        out.info = probe_image(path)
+        out.digest = verify_image_file(path, out.info)
     except ImageError as exc:
         out.image_error = exc
     except Exception as exc:  # noqa: BLE001 — whatever is in the folder, report it instead of a traceback
-        out.image_error = image_error(item.image_path, "unreadable_image", f"could not be checked ({exc!r})",
-                                      "check the file")
+        out.image_error = image_error(path, "unreadable_image", f"could not be checked ({exc!r})", "check the file")
+    return out
+
+
+def _check(item) -> _Checked:
+    out = _check_image(item.image_path, _Checked())
     if item.caption_source is not None:
         try:
             out.caption = item.caption_source.peek(CAPTION_PEEK_BYTES)
@@ -81,10 +84,11 @@ def _check(item) -> _Checked:
 def validate_dataset(source, *, strict: bool = False, min_images: int = 1, resolution: int = 1024,
                      caption_extensions=(".txt",), trigger_word: str = "", recursive: bool = True,
                      max_caption_tokens: int = MAX_CAPTION_TOKENS, model_variant: str = "flux2-klein-4b",
-                     tokenizer=None, text_conditioning: str = "comfyui") -> ValidationReport:
-    """Check every image and caption; report every problem and the statistics.
+                     tokenizer=None, text_conditioning: str = "comfyui", references: bool = True) -> ValidationReport:
+    """Check every image, reference image and caption; report every problem and the statistics.
 
-    `source` is a Dataset (its own caption/trigger/recursive settings are used) or a folder path.
+    `source` is a Dataset (its own caption/trigger/recursive/references settings are used) or a folder path.
+    A reference image is checked as an image is; one with an error makes its target unusable (skipped).
     `tokenizer` (the model's) counts caption tokens; without one they are estimated. `text_conditioning`
     (model.text_conditioning) decides what the long-caption warning says happens past 512 tokens.
     Raises DatasetError only when there is no folder to check, ConfigError for bad arguments.
@@ -99,12 +103,14 @@ def validate_dataset(source, *, strict: bool = False, min_images: int = 1, resol
         dataset = source
     else:
         dataset = scan_dataset(source, caption_extensions=caption_extensions, trigger_word=trigger_word,
-                               recursive=recursive)
+                               recursive=recursive, references=references)
+    refs = list(dict.fromkeys(ref for item in dataset.items for ref in item.references))  # one check per file
     with ThreadPoolExecutor(max_workers=WORKERS) as pool:
         checked = list(pool.map(_check, dataset.items))
+        ref_checked = dict(zip(refs, pool.map(lambda ref: _check_image(ref, _Checked()), refs)))
     tally = _Tally(dataset, max_caption_tokens, text_conditioning, resolution)
     for item, result in zip(dataset.items, checked):
-        tally.add_item(item, result)
+        tally.add_item(item, result, ref_checked)
     tally.count_tokens(tokenizer)
     problems = tally.finish(min_images)
     if strict:
@@ -126,6 +132,7 @@ class _Tally:
         self.problems = [Problem(n.severity, n.code, printable(n.path) if n.path else None, n.message, n.fix, n.line)
                          for n in dataset.notes]
         self.usable: list[tuple[str, ImageInfo]] = []  # images whose own file is fine; finish() drops skipped ones
+        self.n_references: dict[str, int] = {}  # image -> its number of reference images (for the cache size)
         self.paired: set[str] = set()  # of those, the ones with a non-empty caption
         self.digests: dict[str, list[str]] = {}
         self.captions: list[_Caption] = []
@@ -136,11 +143,13 @@ class _Tally:
     def add(self, severity, code, path, message, fix, line=None, image=None):
         self.problems.append(Problem(severity, code, path, message, fix, line, image))
 
-    def add_item(self, item, c: _Checked) -> None:
+    def add_item(self, item, c: _Checked, ref_checked: dict) -> None:
         rel = shown_path(item.image_path, self.dataset.root)
         ok = self._image(rel, c)
+        ok = self._references(rel, item.references, ref_checked) and ok
         if ok:
             self.usable.append((rel, c.info))
+            self.n_references[rel] = len(item.references)
         source = item.caption_source
         if source is None:
             if ok:  # an unusable image needs no caption report on top
@@ -207,12 +216,38 @@ class _Tally:
                      "be upscaled", "use a larger original if you have one", image=rel)
         return True
 
+    def _references(self, rel: str, references, checked: dict) -> bool:
+        """Report the image's reference images that cannot be used (each rules the image out); True if none."""
+        ok = True
+        for ref in references:
+            c = checked[ref]
+            if c.image_error is not None:
+                exc = c.image_error
+                detail, fix = getattr(exc, "detail", exc.reason), getattr(exc, "fix", "check the file")
+            elif min(c.info.width, c.info.height) < self.min_side:
+                detail = f"{c.info.width}x{c.info.height} is under {self.min_side} px on the short side"
+                fix = f"use a reference of at least {self.small_side} px"
+            else:
+                continue
+            ok = False
+            self.add("error", "bad_reference", rel, f"reference {shown_path(ref, self.dataset.root)}: {detail}",
+                     f"{fix}, or remove that reference (the image is skipped until then)", image=rel)
+        return ok
+
     def finish(self, min_images: int) -> list[Problem]:
         for paths in self.digests.values():
             if len(paths) > 1:
                 others = ", ".join(paths[1:6]) + (f" and {len(paths) - 6} more" if len(paths) > 6 else "")
                 self.add("warning", "duplicate_image", paths[0], f"same bytes as {others}",
                          "keep one copy (duplicates weigh an image more without telling you)", image=paths[0])
+        items = self.dataset.items
+        lacking = [shown_path(item.image_path, self.dataset.root) for item in items if not item.references]
+        if lacking and len(lacking) < len(items):
+            named = ", ".join(lacking[:3]) + (", ..." if len(lacking) > 3 else "")
+            verb = "has" if len(lacking) == 1 else "have"
+            self.add("warning", "mixed_references", None, f"{len(lacking)} of {len(items)} images {verb} no reference "
+                     f"image ({named}): an edit LoRA learns best when every target has its reference(s)",
+                     "add their references (a_ref.png beside a.png, or references/a.png), or train them apart")
         skipped = skipped_images(self.problems)  # before strict: what a lenient run would train on
         self.usable = [(rel, info) for rel, info in self.usable if rel not in skipped]
         self.valid_pairs = sum(rel in self.paired for rel, _ in self.usable)
@@ -261,11 +296,13 @@ def _stats(dataset: Dataset, tally: _Tally, resolution, buckets, model_variant: 
     counts: dict[tuple[int, int], int] = {}
     latent_bytes, assigned = 0, {}  # real datasets repeat a few camera sizes: assign each size once
     usable = [info for _, info in tally.usable]
-    for info in usable:
+    n_refs = sum(tally.n_references[rel] for rel, _ in tally.usable)  # each encoded at its target's bucket
+    for rel, info in tally.usable:
         size = (info.width, info.height)
         bucket = assigned[size] if size in assigned else assigned.setdefault(size, assign_bucket(*size, buckets))
         counts[bucket] = counts.get(bucket, 0) + 1
-        latent_bytes += (bucket[0] // 16) * (bucket[1] // 16) * LATENT_CHANNELS * BF16_BYTES
+        latent_bytes += (bucket[0] // 16) * (bucket[1] // 16) * LATENT_CHANNELS * BF16_BYTES * (
+            1 + tally.n_references[rel])
     n_captions = len(usable) + 1  # one embedding per image, plus the empty caption (caption dropout)
     text_bytes = n_captions * TEXT_TOKENS * joint_dim * BF16_BYTES
     widths, heights = [i.width for i in usable], [i.height for i in usable]
@@ -273,7 +310,9 @@ def _stats(dataset: Dataset, tally: _Tally, resolution, buckets, model_variant: 
     return {
         "images": {"found": len(dataset.items), "usable": len(usable), "valid_pairs": tally.valid_pairs,
                    "captioned": sum(1 for item in dataset.items if item.caption_source is not None),
-                   "samples": dataset.num_samples},
+                   "samples": dataset.num_samples,
+                   "with_references": sum(1 for item in dataset.items if item.references),
+                   "references": len({ref for item in dataset.items for ref in item.references})},
         "captions": {"count": len(tally.chars), "chars": summary(tally.chars), "tokens": summary(tally.tokens)},
         "resolution": {"min_width": min(widths, default=None), "max_width": max(widths, default=None),
                        "min_height": min(heights, default=None), "max_height": max(heights, default=None),
@@ -281,6 +320,7 @@ def _stats(dataset: Dataset, tally: _Tally, resolution, buckets, model_variant: 
         "buckets": {"resolution": resolution, "counts": {f"{w}x{h}": n for (w, h), n in sorted(
             counts.items(), key=lambda kv: (-kv[1], kv[0]))}},
         "latent_cache": {"model_variant": model_variant, "joint_attention_dim": joint_dim, "images": len(usable),
+                         "references": n_refs,
                          "captions": n_captions, "image_latent_bytes": latent_bytes, "text_embedding_bytes": text_bytes,
                          "total_bytes": latent_bytes + text_bytes, "total_human": human_size(latent_bytes + text_bytes)},
     }

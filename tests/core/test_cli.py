@@ -64,6 +64,16 @@ def test_validate_usable_dataset_exits_0_with_a_table(tmp_path):
     assert "latent cache" in result.stdout
 
 
+def test_validate_reports_an_edit_datasets_references_unless_told_not_to(tmp_path):
+    from flux2_lora_core.data.demo_data import write_demo_dataset
+
+    data = write_demo_dataset(tmp_path / "edit", count=2, size=256, edit=True)
+    result = flux2_lora("validate", str(data))
+    assert result.returncode == 0 and "2 of 2 images have reference images (2 files)" in result.stdout, result.stdout
+    plain = flux2_lora("validate", str(data), "--no-references")
+    assert plain.returncode == 0 and "reference" not in plain.stdout and "2 found, 2 usable" in plain.stdout
+
+
 def test_validate_json_is_machine_readable(tmp_path):
     data = make_dataset(tmp_path / "data")
     result = flux2_lora("validate", str(data), "--json")

@@ -31,6 +31,8 @@ def test_load_dataset_schema(object_info):
     required = info["input"]["required"]
     assert [required[name][0] for name in info["input_order"]["required"]] == ["STRING", "STRING", "STRING", "INT", "BOOLEAN"]
     assert required["repeats"][1]["min"] == 1
+    assert info["input_order"]["optional"] == ["references"]           # optional: older saved graphs still queue
+    assert info["input"]["optional"]["references"][1]["default"] is True
     assert required["caption_extensions"][1]["default"] == "txt"
     assert info["output"] == ["FLUX2_DATASET"]
     assert info["output_name"] == ["dataset"]

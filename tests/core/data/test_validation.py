@@ -39,7 +39,8 @@ def test_a_clean_dataset_is_usable_with_full_statistics(clean):
     report = validate_dataset(clean)
     assert report.usable and report.problems == [] and report.errors == report.warnings == []
     s = report.stats
-    assert s["images"] == {"found": 3, "usable": 3, "valid_pairs": 3, "captioned": 3, "samples": 12}
+    assert s["images"] == {"found": 3, "usable": 3, "valid_pairs": 3, "captioned": 3, "samples": 12,
+                           "with_references": 0, "references": 0}
     assert s["captions"]["chars"] == {"min": 3, "mean": 8.7, "median": 7, "max": 16}
     assert s["captions"]["tokens"] == {"min": 1, "mean": 2.7, "median": 3, "max": 4}
     assert s["resolution"] == {"min_width": 600, "max_width": 1200, "min_height": 800, "max_height": 1024,
