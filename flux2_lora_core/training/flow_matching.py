@@ -6,6 +6,11 @@ velocity, noise - x0. One training step samples sigma, builds x_t, asks the mode
 squared error. tests/core/test_flow_matching.py checks the whole step against a line-by-line
 transcription of diffusers' examples/dreambooth/train_dreambooth_lora_flux2{,_klein}.py.
 
+An edit LoRA's step also gives the model reference images: their clean latents follow the noisy target's
+tokens, each with position ids of its own (time coordinate 10, 20, ... as Flux2Pipeline._prepare_image_ids and
+ComfyUI's FLUX.2 "index" reference method number them), and the loss covers the target's tokens only, as
+train_dreambooth_lora_flux2_img2img.py computes it.
+
 Latents here are the cached ones: BatchNorm-normalised, 2x2-patchified grids (B, 128, h, w)
 (encoding.encode_images); the transformer sees them packed row-major as (B, h*w, 128) tokens.
 """
@@ -27,6 +32,9 @@ SIGMA_EPS = 1e-5  # sampled sigmas stay in [eps, 1 - eps]: sigma^-2 weighting an
 DEFAULT_SHIFT_STEPS = 50
 # FLUX.2's scheduler_config.json (and FLUX.1's): mu rises linearly from 0.5 at 256 tokens to 1.15 at 4096.
 BASE_SEQ_LEN, BASE_MU, MAX_SEQ_LEN, MAX_MU = 256, 0.5, 4096, 1.15
+# The time coordinate of the i-th reference image (0-based) is REFERENCE_SCALE (i + 1): the pipelines'
+# _prepare_image_ids(scale=10) and ComfyUI's ref_index_scale for FLUX.2.
+REFERENCE_SCALE = 10
 
 
 # ---------------------------------------------------------------------------------------------- positions
@@ -45,8 +53,18 @@ def text_ids(length: int, device=None) -> torch.Tensor:
     return torch.cartesian_prod(one, one, one, torch.arange(length, device=device))
 
 
+def reference_ids(count: int, height: int, width: int, device=None) -> torch.Tensor:
+    """(count*h*w, 4) int64 rows (10 (i + 1), y, x, 0) for `count` reference grids of h x w, one after another:
+    Flux2Pipeline._prepare_image_ids for one sample. References of an edit dataset are cached at their target's
+    bucket, so every reference of a sample has the target's grid."""
+    one = torch.arange(1, device=device)
+    grid = [torch.arange(height, device=device), torch.arange(width, device=device), one]
+    return torch.cat([torch.cartesian_prod(torch.full((1,), REFERENCE_SCALE * (i + 1), device=device), *grid)
+                      for i in range(count)]) if count else torch.zeros((0, 4), dtype=torch.int64, device=device)
+
+
 class PositionIds:
-    """Position ids per (resolution, prompt length, device), each built once, at most `maxsize` kept.
+    """Position ids per (resolution, prompt length, references, device), each built once, at most `maxsize` kept.
 
     Buckets make a handful of resolutions recur for the whole run; the bound keeps memory flat when
     a dataset has many. Least recently used entries go first.
@@ -58,13 +76,18 @@ class PositionIds:
         self.maxsize = maxsize
         self._entries: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
-    def get(self, height: int, width: int, text_length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(img_ids (h*w, 4), txt_ids (L, 4)); the very same tensors on every hit."""
-        key = (height, width, text_length, str(torch.device(device)))
+    def get(self, height: int, width: int, text_length: int, device,
+            references: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(img_ids ((1 + references) h*w, 4): the target's, then its references', txt_ids (L, 4)); the very same
+        tensors on every hit."""
+        key = (height, width, text_length, str(torch.device(device)), references)
         if key in self._entries:
             self._entries.move_to_end(key)
             return self._entries[key]
-        value = (image_ids(height, width, device), text_ids(text_length, device))
+        img = image_ids(height, width, device)
+        if references:
+            img = torch.cat([img, reference_ids(references, height, width, device)])
+        value = (img, text_ids(text_length, device))
         self._entries[key] = value
         while len(self._entries) > self.maxsize:
             self._entries.popitem(last=False)
@@ -158,9 +181,12 @@ def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
 
 
 def predict_velocity(transformer, x_t: torch.Tensor, prompt_embeds: torch.Tensor, sigmas: torch.Tensor, *,
-                     img_ids: torch.Tensor, txt_ids: torch.Tensor, guidance: float | None) -> torch.Tensor:
+                     img_ids: torch.Tensor, txt_ids: torch.Tensor, guidance: float | None,
+                     references: torch.Tensor | None = None) -> torch.Tensor:
     """The transformer's velocity for a latent grid: (B, 128, h, w) in, (B, 128, h, w) out.
 
+    `references` (B, n, 128, h', w'): clean reference latents, packed after the target's tokens (img_ids must
+    hold their ids too, see reference_ids); the model attends to them and the output keeps the target's tokens.
     The timestep is sigma itself (the model multiplies by 1000). x_t is cast to prompt_embeds' dtype,
     the compute dtype, as the pipelines prepare latents in prompt_embeds.dtype. [dev] is guidance
     distilled and needs its guidance value (the model multiplies it by 1000 too); [klein] has none.
@@ -171,11 +197,14 @@ def predict_velocity(transformer, x_t: torch.Tensor, prompt_embeds: torch.Tensor
         raise ValueError(f"this transformer needs {need}, got guidance={guidance!r}")
     b, c, h, w = x_t.shape
     tokens = pack_latents(x_t.to(prompt_embeds.dtype))  # (B, h*w, 128)
+    if references is not None and references.shape[1]:
+        refs = references.to(prompt_embeds.dtype)
+        tokens = torch.cat([tokens, *(pack_latents(refs[:, i]) for i in range(refs.shape[1]))], dim=1)
     guidance_t = None if guidance is None else torch.full([b], float(guidance), device=x_t.device)  # (B,)
     out = transformer(hidden_states=tokens, encoder_hidden_states=prompt_embeds,  # (B, L, joint_dim)
                       timestep=sigmas.to(x_t.device), guidance=guidance_t,
                       img_ids=img_ids, txt_ids=txt_ids, return_dict=False)[0]  # (B, h*w, 128)
-    return out[:, :h * w].permute(0, 2, 1).reshape(b, c, h, w)
+    return out[:, :h * w].permute(0, 2, 1).reshape(b, c, h, w)   # the target's tokens: the loss covers only them
 
 
 def loss_weights(sigmas: torch.Tensor, weighting: str) -> torch.Tensor:
@@ -209,9 +238,10 @@ def flow_matching_loss(pred: torch.Tensor, target: torch.Tensor, sigmas: torch.T
 
 def training_loss(transformer, x0: torch.Tensor, prompt_embeds: torch.Tensor, *, noise: torch.Tensor,
                   sigmas: torch.Tensor, img_ids: torch.Tensor, txt_ids: torch.Tensor, guidance: float | None,
-                  weighting: str = "none") -> torch.Tensor:
-    """One step's loss for a batch of one resolution: x0, noise (B, 128, h, w), sigmas (B,)."""
+                  weighting: str = "none", references: torch.Tensor | None = None) -> torch.Tensor:
+    """One step's loss for a batch of one resolution: x0, noise (B, 128, h, w), sigmas (B,); an edit dataset's
+    references (B, n, 128, h, w) stay clean (no noise) and are no part of the loss."""
     x_t = noisy_latents(x0, noise, sigmas)  # (B, 128, h, w)
     pred = predict_velocity(transformer, x_t, prompt_embeds, sigmas, img_ids=img_ids, txt_ids=txt_ids,
-                            guidance=guidance)
+                            guidance=guidance, references=references)
     return flow_matching_loss(pred, velocity_target(x0, noise), sigmas, weighting)
