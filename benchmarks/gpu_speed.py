@@ -17,6 +17,8 @@ twice that backward; T = image + text tokens, recomputation from checkpointing n
     python benchmarks/gpu_speed.py                              # every model that fits, on the GPU
     python benchmarks/gpu_speed.py --variants klein-4b --resolutions 1024 --steps 10
     python benchmarks/gpu_speed.py --tiny                       # tiny configs on the CPU: a smoke test
+    python benchmarks/gpu_speed.py --variants klein-4b --resolutions 1024 --references 1 --no-baseline
+                                                                # an edit LoRA's step: 1 reference per target
 """
 
 from __future__ import annotations
@@ -85,8 +87,8 @@ def linear_parameters(model) -> int:
                if isinstance(m, torch.nn.Linear) and "lora_" not in name)
 
 
-def step_flops(config: dict, n_linear: int, resolution: int, batch: int) -> float:
-    tokens = (resolution // PIXELS_PER_TOKEN) ** 2 + TEXT_TOKENS
+def step_flops(config: dict, n_linear: int, resolution: int, batch: int, references: int = 0) -> float:
+    tokens = (1 + references) * (resolution // PIXELS_PER_TOKEN) ** 2 + TEXT_TOKENS
     d_model = config["num_attention_heads"] * config["attention_head_dim"]
     blocks = config["num_layers"] + config["num_single_layers"]
     return batch * (4 * n_linear * tokens + 3 * 4 * tokens ** 2 * d_model * blocks)
@@ -105,13 +107,17 @@ ATTENTION = ("native", "_native_cudnn", "_native_flash", "_native_efficient", "f
 
 # ---------------------------------------------------------------------------------------------- the engine
 class HostCache:
-    """Cached-like inputs in host memory, handed over as LatentCache.latent / .text hand over theirs."""
+    """Cached-like inputs in host memory, handed over as LatentCache.latent / .text / .references hand over theirs."""
 
-    def __init__(self, resolution: int, joint_dim: int, dtype: torch.dtype, seed: int = 0):
+    def __init__(self, resolution: int, joint_dim: int, dtype: torch.dtype, seed: int = 0, references: int = 0):
         g = torch.Generator().manual_seed(seed)
         side = resolution // PIXELS_PER_TOKEN
         self._latent = torch.randn(LATENT_CHANNELS, side, side, generator=g).to(dtype)
         self._text = torch.randn(TEXT_TOKENS, joint_dim, generator=g).to(dtype)
+        self._refs = torch.randn(references, LATENT_CHANNELS, side, side, generator=g).to(dtype) if references else None
+
+    def references(self, index, resolution, *, flipped=False):
+        return None if self._refs is None else self._refs.flip(-1) if flipped else self._refs
 
     def latent(self, index, resolution, *, flipped=False):
         return self._latent.flip(-1) if flipped else self._latent
@@ -124,7 +130,7 @@ class HostCache:
 
 
 def engine_session(transformer, variant, resolution, batch, rank, checkpointing, compile_blocks, out: Path,
-                   swapped: int = 0):
+                   swapped: int = 0, references: int = 0):
     overrides = [f"model.path={out}", f"data.path={out}", f"output.dir={out}", f"lora.rank={rank}",
                  f"lora.alpha={rank}", f"train.batch_size={batch}", "train.optimizer=adamw", "train.steps=1000000",
                  f"train.gradient_checkpointing={str(checkpointing).lower()}", f"train.compile={str(compile_blocks).lower()}",
@@ -132,12 +138,12 @@ def engine_session(transformer, variant, resolution, batch, rank, checkpointing,
     config = load_config(None, overrides)
     t = config.train
     targets = add_lora(transformer, rank=rank, alpha=rank, dropout=0.0, targets=config.lora.targets, seed=t.seed)
-    autocast_dtype, scaler = prepare_model(config, transformer, transformer.device, transformer.dtype)
+    autocast_dtype, scaler = prepare_model(config, transformer, transformer.device, transformer.dtype, references)
     from diffusers.optimization import get_scheduler
 
     optimizer = make_optimizer(trainable_parameters(transformer), t)
     scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.steps)
-    cache = HostCache(resolution, transformer.config.joint_attention_dim, transformer.dtype)
+    cache = HostCache(resolution, transformer.config.joint_attention_dim, transformer.dtype, references=references)
     return trainer.Session(config, out, cache, None, transformer, variant, targets, optimizer, scheduler, scaler,
                            autocast_dtype, transformer.device, transformer.dtype, {},
                            torch.Generator("cpu").manual_seed(t.seed), PositionIds(), MetricsLog(None), [], [], "")
@@ -198,16 +204,16 @@ def release_adapter(transformer) -> None:
 
 def run_setting(name, transformer, variant, config, scheduler_config, loop, resolution, batch, rank, checkpointing,
                 compile_blocks, warmup, steps, out: Path, profile_it: bool = False, quantization: str = "none",
-                swapped: int = 0) -> dict:
+                swapped: int = 0, references: int = 0) -> dict:
     device = transformer.device
     row = {"model": name, "loop": loop, "resolution": resolution, "batch": batch, "rank": rank,
            "checkpointing": checkpointing or bool(swapped), "compile": compile_blocks, "quantization": quantization,
-           "blocks_to_swap": swapped}
+           "blocks_to_swap": swapped, "references": references}
     started = time.perf_counter()
     try:
         if loop == "engine":
             s = engine_session(transformer, variant, resolution, batch, rank, checkpointing, compile_blocks, out,
-                               swapped)
+                               swapped, references)
             times, peak = timed(lambda: engine_step(s, resolution, batch), device, warmup, steps)
             if profile_it:
                 print(f"# profile: {row}\n" + profile(lambda: engine_step(s, resolution, batch), device), flush=True)
@@ -224,7 +230,7 @@ def run_setting(name, transformer, variant, config, scheduler_config, loop, reso
     row["wall_s"] = round(time.perf_counter() - started, 1)
     if times:
         median = statistics.median(times)
-        flops = step_flops(config, linear_parameters(transformer), resolution, batch)
+        flops = step_flops(config, linear_parameters(transformer), resolution, batch, references)
         peak_rate = peak_flops(device)
         row.update(s_per_step=median, images_per_s=batch / median, peak_gib=peak / 2**30 if peak else None,
                    tflops=flops / median / 1e12, mfu=flops / median / peak_rate if peak_rate else None,
@@ -240,7 +246,8 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         setting = " ".join([*([r["attention"]] if r.get("attention", "default") != "default" else []),
                             *([r["quantization"]] if r.get("quantization", "none") != "none" else []),
-                            *([f"swap {r['blocks_to_swap']}"] if r.get("blocks_to_swap") else [])])
+                            *([f"swap {r['blocks_to_swap']}"] if r.get("blocks_to_swap") else []),
+                            *([f"{r['references']} ref"] if r.get("references") else [])])
         r = {**r, "shown": f"{r['model']} {setting}".strip()}
         if "error" in r:
             lines.append(f"| {r['shown']} | {r['loop']} | {r['resolution']} | {r['checkpointing']} | {r['compile']} "
@@ -293,6 +300,8 @@ def main() -> None:
                         "torch SDPA); what issue 15 asks to measure before the engine picks one")
     parser.add_argument("--blocks-to-swap", type=int, default=0, help="model.blocks_to_swap (engine only; turns "
                         "checkpointing on)")
+    parser.add_argument("--references", type=int, default=0, help="reference images per target: an edit LoRA's "
+                        "step, each adding the target's tokens (engine only)")
     args = parser.parse_args()
 
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
@@ -330,8 +339,8 @@ def main() -> None:
                 transformer.set_attention_backend(args.attention)
             variant = detect_variant(dict(transformer.config))
             for resolution, ckpt, compiled, loop in settings(args):
-                if loop == "diffusers" and args.blocks_to_swap:
-                    continue   # diffusers' loop has no block swap
+                if loop == "diffusers" and (args.blocks_to_swap or args.references):
+                    continue   # diffusers' loop here is text-to-image, without block swap
                 if time.perf_counter() - started > args.budget_s:
                     print(f"# {name} {resolution} px {loop}: skipped, over the budget", flush=True)
                     continue
@@ -339,7 +348,7 @@ def main() -> None:
                                   args.rank, ckpt, compiled, args.warmup, args.steps, Path(tmp),
                                   profile_it=args.profile and loop == "engine" and not ckpt and not compiled
                                   and resolution == max(args.resolutions), quantization=args.quantization,
-                                  swapped=args.blocks_to_swap)
+                                  swapped=args.blocks_to_swap, references=args.references)
                 row["attention"] = args.attention or "default"
                 rows.append(row)
                 print(json.dumps(row), flush=True)

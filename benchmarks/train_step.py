@@ -82,7 +82,7 @@ def main() -> None:
 
         resolution = args.resolution
         indices = s.streams[resolution].next()
-        x0, text = trainer.micro_batch(s, indices, resolution)
+        x0, text, _ = trainer.micro_batch(s, indices, resolution)
         g = torch.Generator("cpu").manual_seed(0)
         noise = torch.randn(x0.shape, generator=g).to(s.device, s.dtype)
         sigmas = torch.rand(x0.shape[0], generator=g).to(s.device)

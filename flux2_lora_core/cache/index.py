@@ -57,9 +57,12 @@ class CacheSummary:
     seconds: float = 0.0
     screened: str = ""  # validation's "usable: N of M images; these K will be skipped: ..." (data/report.py)
     screened_out: int = 0  # the K images of that line, left out before the build
+    with_references: int = 0  # an edit dataset's images with reference images (their latents are counted above)
 
     def format_text(self) -> str:
         lines = [self.screened] if self.screened else []
+        if self.with_references:
+            lines.append(f"edit dataset: {self.with_references} images with reference images")
         lines += [f"latents: {self.images_encoded} encoded, {self.images_reused} reused; "
                  f"captions: {self.captions_encoded} encoded, {self.captions_reused} reused; "
                  f"{self.bytes_on_disk / 2**20:.1f} MiB on disk; {self.seconds:.1f} s"]
@@ -75,6 +78,14 @@ class CachedItem:
     caption_key: str
     buckets: dict[int, tuple[int, int]]         # resolution -> (width, height)
     latent_keys: dict[int, tuple[str, ...]]     # resolution -> (plain, mirrored if flips are cached)
+    # An edit dataset's reference images (relative paths) and their latents, encoded at the target's bucket:
+    # resolution -> one (plain, mirrored) key tuple per reference. Empty for a text-to-image item.
+    references: tuple[str, ...] = ()
+    reference_keys: dict[int, tuple[tuple[str, ...], ...]] = field(default_factory=dict)
+
+    def all_latent_keys(self) -> set[str]:
+        return ({k for keys in self.latent_keys.values() for k in keys}
+                | {k for refs in self.reference_keys.values() for keys in refs for k in keys})
 
 
 class LatentCache:
@@ -124,17 +135,30 @@ class LatentCache:
                                "build_latent_cache(prompts=...)")
         return model_ready_embedding(self._texts.get(key), family=self.family, mode=self.settings.text_conditioning)
 
-    def bucket_members(self, resolution: int) -> dict[tuple[int, int], list[int]]:
+    def references(self, index: int, resolution: int, *, flipped: bool = False) -> torch.Tensor | None:
+        """(n, 128, h, w) the item's reference latents at its target's bucket, mirrored with it; None without."""
+        refs = self.items[index].reference_keys.get(resolution, ())
+        if not refs:
+            return None
+        if flipped and len(refs[0]) < 2:
+            raise ConfigError([("data.flip", "flipped latents were not cached: rebuild the cache with data.flip=true")])
+        return torch.stack([self._latents.get(keys[1 if flipped else 0]) for keys in refs])
+
+    def bucket_members(self, resolution: int) -> dict[tuple[int, ...], list[int]]:
+        """Indices by what a batch must share: the bucket, and for an edit dataset also the number of references
+        ((w, h, n)), since every sample of a batch carries the same token count."""
         groups = defaultdict(list)
         for i, item in enumerate(self.items):
-            groups[item.buckets[resolution]].append(i)
+            count = len(item.reference_keys.get(resolution, ()))
+            groups[item.buckets[resolution] + ((count,) if count else ())].append(i)
         return dict(sorted(groups.items()))
 
     @property
     def fingerprint(self) -> str:
         """Identity of what training will read (models, settings, every entry key)."""
         record = [self._latents.identity, self._texts.identity,
-                  [(i.path, i.repeats, i.caption_key, sorted(i.latent_keys.items())) for i in self.items]]
+                  [(i.path, i.repeats, i.caption_key, sorted(i.latent_keys.items()))
+                   + ((i.references, sorted(i.reference_keys.items())) if i.references else ()) for i in self.items]]
         return hashlib.sha256(json.dumps(record, sort_keys=True, default=list).encode()).hexdigest()
 
     def close(self) -> None:
@@ -150,7 +174,10 @@ def index_of(cache: LatentCache) -> dict:
             "latents_identity": cache._latents.identity, "texts_identity": cache._texts.identity,
             "items": [{"path": i.path, "repeats": i.repeats, "caption_key": i.caption_key,
                        "buckets": {str(r): list(b) for r, b in i.buckets.items()},
-                       "latent_keys": {str(r): list(k) for r, k in i.latent_keys.items()}} for i in cache.items]}
+                       "latent_keys": {str(r): list(k) for r, k in i.latent_keys.items()},
+                       **({"references": list(i.references),
+                           "reference_keys": {str(r): [list(k) for k in refs] for r, refs in i.reference_keys.items()}}
+                          if i.references else {})} for i in cache.items]}
 
 
 def open_latent_cache(root, *, verify: str = "quick") -> LatentCache:
@@ -169,12 +196,14 @@ def open_latent_cache(root, *, verify: str = "quick") -> LatentCache:
         settings = CacheSettings(**{**index["settings"], "resolutions": tuple(index["settings"]["resolutions"])})
         items = [CachedItem(i["path"], i["repeats"], i["caption_key"],
                             {int(r): tuple(b) for r, b in i["buckets"].items()},
-                            {int(r): tuple(k) for r, k in i["latent_keys"].items()}) for i in index["items"]]
+                            {int(r): tuple(k) for r, k in i["latent_keys"].items()}, tuple(i.get("references", ())),
+                            {int(r): tuple(tuple(k) for k in refs) for r, refs in i.get("reference_keys", {}).items()})
+                 for i in index["items"]]
         latents = ShardStore(root / index["latents"], index["latents_identity"]).load(verify)
         texts = ShardStore(root / index["texts"], index["texts_identity"]).load(verify)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DatasetError(f"latent cache {root} cannot be read ({exc}): {fix}") from None
-    wanted = {k for item in items for keys in item.latent_keys.values() for k in keys}
+    wanted = {k for item in items for k in item.all_latent_keys()}
     missing = len(wanted - latents.entries.keys())
     missing += len(({i.caption_key for i in items} | {index["empty_key"]}) - texts.entries.keys())
     if missing:

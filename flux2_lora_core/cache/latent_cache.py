@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from ..config import default_cache_dir
-from ..data import assign_bucket, file_sha256, load_image_rgb, probe_image
+from ..data import DatasetItem, assign_bucket, file_sha256, load_image_rgb, probe_image
 from ..disk import write_atomically
 from ..errors import ConfigError, DatasetError, Flux2LoraError
 from ..models import free_memory
@@ -78,15 +78,15 @@ def _check(settings: CacheSettings, family: str, batch_size: int, verify: str) -
         settings.bucket_list(resolution)  # raises ConfigError for a bad resolution or max_aspect
 
 
-def _image_hash(item, memo: dict, rel: str) -> tuple[str, int, int]:
+def _image_hash(path: Path, memo: dict, rel: str) -> tuple[str, int, int]:
     """(sha256, width, height) of an image, re-read only when its size or mtime changed."""
-    st = os.stat(item.image_path)
+    st = os.stat(path)
     stamp = [st.st_size, st.st_mtime_ns]
     known = memo.get(rel)
     if known and known[:2] == stamp:
         return known[2], known[3], known[4]
-    info = probe_image(item.image_path)
-    digest = file_sha256(item.image_path)
+    info = probe_image(path)
+    digest = file_sha256(path)
     memo[rel] = [*stamp, digest, info.width, info.height]
     return digest, info.width, info.height
 
@@ -129,16 +129,17 @@ def build_latent_cache(dataset, encoders, settings: CacheSettings = CacheSetting
             if team is not None:
                 _pool(team, (latents, texts), summary)
             empty_key = text_key("")
-            skipped = {path for path, _ in summary.skipped}
-            items = [item for item in items if item.path not in skipped]
+            skipped = {path for path, _ in summary.skipped}   # an item goes with any of its reference images
+            items = [item for item in items if item.path not in skipped and skipped.isdisjoint(item.references)]
             if not items:
                 raise DatasetError(f"no image of {dataset.root} could be cached:\n  "
                                    + "\n  ".join(f"{p}: {r}" for p, r in summary.skipped[:20]))
-            latents.commit(keep={k for item in items for keys in item.latent_keys.values() for k in keys})
+            latents.commit(keep={k for item in items for k in item.all_latent_keys()})
             texts.commit(keep={item.caption_key for item in items} | {empty_key} | extra.keys())
         except BaseException:  # Ctrl+C, SIGTERM, ComfyUI's Cancel, out of memory, a bad file...
             _keep_work(root, (latents, texts), known)
             raise
+        summary.with_references = sum(bool(item.references) for item in items)
         summary.bytes_on_disk = latents.bytes_on_disk + texts.bytes_on_disk
         summary.seconds = time.perf_counter() - started
         cache = LatentCache(root, items, family, settings, latents, texts, empty_key, summary)
@@ -222,35 +223,47 @@ def _keep_work(root: Path, stores, known) -> None:
 
 
 def _plan(dataset, settings, latents, summary):
-    """Items with their entry keys, the captions to look up, and the missing latents by bucket."""
+    """Items with their entry keys, the captions to look up, and the missing latents by bucket.
+
+    An edit dataset's reference images are encoded at their target's bucket (resized and cropped to it as the
+    target is, mirrored with it), so a sample's references have its grid and batch like it; an entry key names
+    the pixels and the bucket, so a reference shared by several targets is encoded once per bucket."""
     memo = latents.extra.setdefault("files", {})
     items, captions, planned = [], {}, set()
     bucket_lists = {resolution: settings.bucket_list(resolution) for resolution in settings.resolutions}
     todo = defaultdict(list)  # (resolution, bucket) -> [(dataset item, keys)]
+    flips = (False, True) if settings.flip else (False,)
+
+    def plan(source, digest, resolution, bucket) -> tuple[str, ...]:
+        keys = tuple(f"{digest}:{resolution}:{bucket[0]}x{bucket[1]}:{'flip' if f else 'plain'}" for f in flips)
+        missing = [k for k in keys if k not in latents.entries and k not in planned]
+        summary.images_reused += sum(k in latents.entries for k in keys)
+        if missing:  # an exact duplicate image is encoded once
+            planned.update(missing)
+            todo[(resolution, bucket)].append((source, tuple(missing)))
+        return keys
+
     for item in dataset.items:
         rel = dataset.relative_path(item)
+        refs = tuple(dataset.relative_path(path) for path in getattr(item, "references", ()))
         try:
-            digest, width, height = _image_hash(item, memo, rel)
+            digest, width, height = _image_hash(item.image_path, memo, rel)
+            ref_digests = [_image_hash(dataset.root / ref, memo, ref)[0] for ref in refs]
             caption = item.read_caption()
         except (Flux2LoraError, OSError) as exc:
             summary.skipped.append((rel, str(exc)))
             continue
         caption_key = text_key(caption)
         captions[caption_key] = caption
-        buckets, keys = {}, {}
+        buckets, keys, ref_keys = {}, {}, {}
         for resolution in settings.resolutions:
-            bucket = assign_bucket(width, height, bucket_lists[resolution])
-            flips = (False, True) if settings.flip else (False,)
-            keys[resolution] = tuple(f"{digest}:{resolution}:{bucket[0]}x{bucket[1]}:{'flip' if f else 'plain'}"
-                                     for f in flips)
-            buckets[resolution] = bucket
-            missing = [k for k in keys[resolution] if k not in latents.entries and k not in planned]
-            summary.images_reused += sum(k in latents.entries for k in keys[resolution])
-            if missing:  # an exact duplicate image is encoded once
-                planned.update(missing)
-                todo[(resolution, bucket)].append((item, tuple(missing)))
-        items.append(CachedItem(rel, item.repeats, caption_key, buckets, keys))
-    live = {item.path for item in items}
+            bucket = buckets[resolution] = assign_bucket(width, height, bucket_lists[resolution])
+            keys[resolution] = plan(item, digest, resolution, bucket)
+            if refs:
+                ref_keys[resolution] = tuple(plan(DatasetItem(dataset.root / ref), ref_digest, resolution, bucket)
+                                             for ref, ref_digest in zip(refs, ref_digests))
+        items.append(CachedItem(rel, item.repeats, caption_key, buckets, keys, refs, ref_keys))
+    live = {item.path for item in items} | {ref for item in items for ref in item.references}
     latents.extra["files"] = {rel: v for rel, v in memo.items() if rel in live}
     return items, captions, todo
 
@@ -338,7 +351,8 @@ def cache_for_config(config, *, encoders=None, progress=None, prompts=(), team=N
 
     data = config.data
     dataset = load_dataset(data.path, caption_extensions=data.caption_extensions, trigger_word=data.trigger_word,
-                           repeats=data.repeats, recursive=data.recursive, confine_to=data.confine_to)
+                           repeats=data.repeats, recursive=data.recursive, confine_to=data.confine_to,
+                           references=data.references)
     encoders = encoders or open_encoders(config.model, config.cache)
     tokenizer = encoders.tokenizer() if hasattr(encoders, "tokenizer") else None
     report = validate_data(data, dataset=dataset, tokenizer=tokenizer,

@@ -95,16 +95,17 @@ def swap_saving(config: dict, swapped: int, bytes_per: float) -> float:
     return max(0, sum(moved) - kept) * bytes_per / GiB
 
 
-def tokens(resolution: int, text_tokens: int = TEXT_TOKENS) -> int:
-    """Sequence length of a square `resolution` image: 16 px per latent token, plus the prompt's tokens."""
-    return (resolution // 16) ** 2 + text_tokens
+def tokens(resolution: int, text_tokens: int = TEXT_TOKENS, images: int = 1) -> int:
+    """Sequence length of a square `resolution` image: 16 px per latent token, plus the prompt's tokens. An edit
+    LoRA's step carries its reference images' tokens too: `images` = 1 + references."""
+    return images * (resolution // 16) ** 2 + text_tokens
 
 
 def activation_bytes(config: dict, resolution: int, *, batch_size: int = 1, checkpointing: bool,
-                     text_tokens: int = TEXT_TOKENS, dtype_bytes: int = 2) -> float:
+                     text_tokens: int = TEXT_TOKENS, dtype_bytes: int = 2, images: int = 1) -> float:
     """What a step keeps for backward (see the module doc); dtype_bytes: 2 for bf16 autocast, 4 for fp32."""
     d, _, _, double, single = _sizes(config)
-    unit = batch_size * tokens(resolution, text_tokens) * d * dtype_bytes     # one (B, S, D) tensor
+    unit = batch_size * tokens(resolution, text_tokens, images) * d * dtype_bytes     # one (B, S, D) tensor
     blocks = double + single
     return unit * (SAVED_PER_BLOCK * blocks + RECOMPUTE if checkpointing else ACTIVATIONS_PER_BLOCK * blocks)
 
@@ -266,7 +267,8 @@ def free_memory_gib(device) -> float | None:
 
 
 def resolve_checkpointing(setting: str, transformer_config: dict, *, resolution: int, batch_size: int, rank: int,
-                          optimizer: str, targets: str, dtype_bytes: int, free_gib: float | None) -> tuple[bool, str]:
+                          optimizer: str, targets: str, dtype_bytes: int, free_gib: float | None,
+                          images: int = 1) -> tuple[bool, str]:
     """train.gradient_checkpointing as (on, why). "auto" (the default of the CLI and the nodes alike) turns it on
     when what a step adds to the loaded weights without it (LoRA + optimizer state + activations, as plan_memory
     predicts them) would not fit in `free_gib` with HEADROOM_GIB to spare: checkpointing costs 1.4-2x the step time,
@@ -274,7 +276,7 @@ def resolve_checkpointing(setting: str, transformer_config: dict, *, resolution:
     if setting != "auto":
         return setting == "true", f"train.gradient_checkpointing={setting}"
     needed = (activation_bytes(transformer_config, resolution, batch_size=batch_size, checkpointing=False,
-                               dtype_bytes=dtype_bytes)
+                               dtype_bytes=dtype_bytes, images=images)
               + lora_parameter_count(transformer_config, rank, targets) * OPTIMIZER_BYTES.get(optimizer, 16)) / GiB
     if free_gib is None:
         return True, "train.gradient_checkpointing=auto: on (this device's free memory cannot be read)"

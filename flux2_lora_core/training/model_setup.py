@@ -15,7 +15,7 @@ from .optimization import mixed_precision
 log = logging.getLogger(__name__)
 
 
-def _checkpointing(config, transformer, device, compute_dtype) -> bool:
+def _checkpointing(config, transformer, device, compute_dtype, images: int) -> bool:
     """train.gradient_checkpointing resolved for this model and device (memory_plan.resolve_checkpointing)."""
     from .memory_plan import free_memory_gib, resolve_checkpointing
 
@@ -23,21 +23,23 @@ def _checkpointing(config, transformer, device, compute_dtype) -> bool:
     on, why = resolve_checkpointing(t.gradient_checkpointing, dict(transformer.config),
                                     resolution=max(config.data.resolution), batch_size=t.batch_size,
                                     rank=config.lora.rank, optimizer=t.optimizer, targets=config.lora.targets,
-                                    dtype_bytes=compute_dtype.itemsize, free_gib=free_memory_gib(device))
+                                    dtype_bytes=compute_dtype.itemsize, free_gib=free_memory_gib(device),
+                                    images=images)
     log.info("%s", why)
     return on
 
 
-def prepare_model(config, transformer, device, dtype) -> tuple[torch.dtype | None, object]:
+def prepare_model(config, transformer, device, dtype, references: int = 0) -> tuple[torch.dtype | None, object]:
     """The LoRA-wrapped transformer made ready to train as `config` says (checkpointing resolved, blocks swapped,
     blocks compiled, train mode); returns (autocast dtype, grad scaler). The GPU benchmark runs this too, so what
-    it measures is the trainer's own setting of the model."""
+    it measures is the trainer's own setting of the model. `references`: the most reference images a sample of
+    an edit dataset has (each adds the target's token count to the step)."""
     t, swapped = config.train, config.model.blocks_to_swap
     if swapped and t.compile:   # compiled blocks would trace the swap hooks and recompile at every weight swap
         raise ConfigError([("model.blocks_to_swap", f"{swapped!r} cannot be combined with train.compile=true: "
                                                     "use one of them")])
     autocast_dtype, scaler = mixed_precision(device, dtype, t.mixed_precision)
-    checkpointing = _checkpointing(config, transformer, device, autocast_dtype or dtype)
+    checkpointing = _checkpointing(config, transformer, device, autocast_dtype or dtype, 1 + references)
     if checkpointing or swapped:
         if not checkpointing:   # backward must re-run each swapped block to bring its weights back
             log.info("model.blocks_to_swap=%d turns train.gradient_checkpointing on", swapped)

@@ -48,19 +48,24 @@ class HostBatch:
     flipped: torch.Tensor | None         # (B, 128, h, w) the mirrored encodings; None without data.flip
     texts: torch.Tensor                  # (B, L, D) the captions' embeddings
     empty: torch.Tensor                  # (L0, D) the empty caption's, for caption dropout
+    references: torch.Tensor | None = None          # (B, n, 128, h, w) an edit dataset's reference latents
+    flipped_references: torch.Tensor | None = None  # their mirrored encodings, with data.flip
 
-    def choose(self, flips: torch.Tensor, dropped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(latents, texts) as the training thread's draws chose them. Rows are replaced in place: a HostBatch
-        is used once, and its buffers stay pinned."""
+    def choose(self, flips: torch.Tensor, dropped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                                          torch.Tensor | None]:
+        """(latents, texts, references) as the training thread's draws chose them. Rows are replaced in place: a
+        HostBatch is used once, and its buffers stay pinned."""
         latents, texts = self.latents, self.texts
         for row in flips.nonzero().flatten().tolist():
             latents[row] = self.flipped[row]
+            if self.references is not None:    # a mirrored target goes with its mirrored references
+                self.references[row] = self.flipped_references[row]
         if dropped.any():
             if texts.shape[1:] == self.empty.shape:
                 texts[dropped] = self.empty
             else:                # a batch of one (setup checks equal lengths when batch_size > 1)
                 texts = self.empty[None]
-        return latents, texts
+        return latents, texts, self.references
 
 
 def upcoming(streams: dict, step: int, total: int, resolutions: tuple[int, ...],
@@ -115,7 +120,14 @@ class Prefetcher:
                 flipped = self._host([self.cache.latent(i, resolution, flipped=True) for i in indices]) \
                     if self.flip else None
                 texts = self._host([self.cache.text(i) for i in indices])
-                if not self._put(HostBatch(resolution, indices, latents, flipped, texts, empty)):
+                refs = [self.cache.references(i, resolution) for i in indices]
+                references = flipped_refs = None
+                if refs[0] is not None:
+                    references = self._host(refs)
+                    flipped_refs = self._host([self.cache.references(i, resolution, flipped=True)
+                                               for i in indices]) if self.flip else None
+                batch = HostBatch(resolution, indices, latents, flipped, texts, empty, references, flipped_refs)
+                if not self._put(batch):
                     return
             self._put(_END)
         except BaseException as exc:  # noqa: BLE001 - handed to the training thread, which raises it

@@ -4,7 +4,8 @@ The prompts arrive as embeddings (from the latent cache, or encoded once at setu
 stays loaded; the VAE is borrowed only for the decode and released by its owner afterwards. The
 pipelines are built around the live transformer (LoRA applied), which is in eval mode only while
 sampling. [klein] base models sample with classifier-free guidance against the empty caption; [dev]
-takes guidance as an embedding.
+takes guidance as an embedding. An edit LoRA's samples edit reference images (sample_references), given to the
+pipeline as its `image` argument: it encodes them and numbers their tokens as training did.
 """
 
 from __future__ import annotations
@@ -35,10 +36,32 @@ def build_pipeline(transformer, vae, family: str, distilled: bool = False):
     return Flux2Pipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, transformer=transformer)
 
 
+def sample_references(config, cache) -> list[tuple[Path, ...]]:
+    """The reference images each sample prompt edits (empty tuples for a text-to-image dataset): the captions'
+    own items' references when the samples use the first captions, else those of the first item that has any."""
+    root = Path(config.data.path)
+    if config.sample.prompts:
+        first = next((item.references for item in cache.items if item.references), ())
+        return [tuple(root / ref for ref in first)] * len(config.sample.prompts)
+    return [tuple(root / ref for ref in cache.items[i].references) for i in range(min(2, len(cache)))]
+
+
+def _reference_images(paths) -> list | None:
+    """The PIL images; None (and a warning: a sample is not worth stopping the run for) when one is unreadable."""
+    from ..data import load_image_rgb
+    from ..errors import Flux2LoraError
+
+    try:
+        return [load_image_rgb(path) for path in paths] or None
+    except Flux2LoraError as error:
+        log.warning("sampling without reference images: %s", error)
+        return None
+
+
 @torch.no_grad()
 def sample_tokens(transformer, vae, family: str, prompt_embeds: list[torch.Tensor], negative: torch.Tensor, *,
                   size: int, steps: int, guidance: float, seed: int, dtype: torch.dtype,
-                  distilled: bool = False) -> list[torch.Tensor]:
+                  distilled: bool = False, references: list | None = None) -> list[torch.Tensor]:
     """The final denoised latent (1, h*w, 128) per prompt embedding (L, D), normalised as the transformer sees it.
 
     Each prompt starts from the same seed's noise, so samples compare across training steps. These tokens are
@@ -59,8 +82,10 @@ def sample_tokens(transformer, vae, family: str, prompt_embeds: list[torch.Tenso
             last.update(state)
             return state
 
-        for embedding in prompt_embeds:
+        for n, embedding in enumerate(prompt_embeds):
+            images = _reference_images(references[n]) if references else None    # PIL images, their own sizes
             kwargs = {"prompt_embeds": embedding[None].to(device, dtype), "height": size, "width": size,
+                      **({"image": images} if images else {}),
                       "num_inference_steps": steps, "guidance_scale": guidance, "output_type": "latent",
                       "generator": torch.Generator("cpu").manual_seed(seed), "callback_on_step_end": keep_latents,
                       "callback_on_step_end_tensor_inputs": ["latents"]}
@@ -77,13 +102,15 @@ def sample_tokens(transformer, vae, family: str, prompt_embeds: list[torch.Tenso
 
 @torch.no_grad()
 def generate(transformer, vae, family: str, prompt_embeds: list[torch.Tensor], negative: torch.Tensor, *,
-             size: int, steps: int, guidance: float, seed: int, dtype: torch.dtype, distilled: bool = False):
+             size: int, steps: int, guidance: float, seed: int, dtype: torch.dtype, distilled: bool = False,
+             references: list | None = None):
     """One PIL image per prompt embedding (L, D): `sample_tokens`, decoded by the VAE. A step-distilled [klein]
-    samples in DISTILLED_STEPS steps (at most `steps`) and without CFG, as it was distilled to."""
+    samples in DISTILLED_STEPS steps (at most `steps`) and without CFG, as it was distilled to. `references`: per
+    prompt, the paths of the reference images it edits."""
     if distilled:
         steps = min(steps, DISTILLED_STEPS)
     latents = sample_tokens(transformer, vae, family, prompt_embeds, negative, size=size, steps=steps,
-                            guidance=guidance, seed=seed, dtype=dtype, distilled=distilled)
+                            guidance=guidance, seed=seed, dtype=dtype, distilled=distilled, references=references)
     processor = build_pipeline(transformer, vae, family).image_processor  # the pipeline's own postprocessing
     images = []
     vae_param = next(vae.parameters())

@@ -192,7 +192,8 @@ def _finish_setup(config, callbacks, cache, encoders, transformer, variant, targ
     from diffusers.optimization import get_scheduler
 
     data, t = config.data, config.train
-    autocast_dtype, scaler = prepare_model(config, transformer, device, dtype)   # model_setup.py
+    autocast_dtype, scaler = prepare_model(config, transformer, device, dtype,   # model_setup.py
+                                           max(len(item.references) for item in cache.items))
     sharded = t.fsdp and ranks.many
     if sharded:
         shard_transformer(transformer)   # before the optimizer: it holds each rank's rows of the LoRA
@@ -228,23 +229,26 @@ def _finish_setup(config, callbacks, cache, encoders, transformer, variant, targ
 
 
 # ---------------------------------------------------------------------------------------------- the step
-def micro_batch(s: Session, indices: list[int], resolution: int,
-                batches: Prefetcher | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(latents (B, 128, h, w), prompt embeddings (B, L, D)) with flips and caption dropout drawn from the run's
-    generator. With `batches` the tensors were read ahead (prefetch.py); the draws are the same either way."""
+def micro_batch(s: Session, indices: list[int], resolution: int, batches: Prefetcher | None = None):
+    """(latents (B, 128, h, w), prompt embeddings (B, L, D), an edit dataset's references (B, n, 128, h, w) or None)
+    with flips and caption dropout drawn from the run's generator: a mirrored target has mirrored references, a
+    dropped caption keeps them. With `batches` the tensors were read ahead (prefetch.py); the draws are the same
+    either way."""
     draws = torch.rand(2, len(indices), generator=s.generator)          # for the global batch: ranks stay in step
     flips = draws[0] < 0.5 if s.config.data.flip else torch.zeros(len(indices), dtype=torch.bool)
     dropped = draws[1] < s.config.train.caption_dropout
     share = s.ranks.rows(len(indices), padded=s.sharded)
     indices, flips, dropped = indices[share], flips[share], dropped[share]
     if not indices:   # this rank has no sample of this (short) batch: its draws are made, nothing to read
-        return None, None
+        return None, None, None
     if batches is not None:
-        latents, texts = batches.get(resolution, indices).choose(flips, dropped)   # pinned on CUDA
-        return latents.to(s.device, non_blocking=True), texts.to(s.device, non_blocking=True)
+        chosen = batches.get(resolution, indices).choose(flips, dropped)   # pinned on CUDA
+        return tuple(t if t is None else t.to(s.device, non_blocking=True) for t in chosen)
     latents = torch.stack([s.cache.latent(i, resolution, flipped=bool(f)) for i, f in zip(indices, flips)])
     texts = [s.cache.text(None if d else i) for i, d in zip(indices, dropped)]   # equal lengths: checked in setup
-    return to_device(s, latents, s.dtype), to_device(s, torch.stack(texts), s.dtype)
+    refs = [s.cache.references(i, resolution, flipped=bool(f)) for i, f in zip(indices, flips)]  # batches share n
+    refs = None if refs[0] is None else to_device(s, torch.stack(refs), s.dtype)
+    return to_device(s, latents, s.dtype), to_device(s, torch.stack(texts), s.dtype), refs
 
 
 def to_device(s: Session, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -273,7 +277,7 @@ def micro_step(s: Session, indices: list[int], resolution: int, scale: float,
         sample_sigmas(count, method=t.timestep_sampling, generator=s.generator, logit_mean=t.logit_mean,
                       logit_std=t.logit_std)
         return torch.zeros((), device=s.device)
-    x0, text = micro_batch(s, indices, resolution, batches)              # (b, 128, h, w), (b, L, D): this rank's
+    x0, text, refs = micro_batch(s, indices, resolution, batches)        # (b, 128, h, w), (b, L, D): this rank's
     share = s.ranks.rows(count, padded=s.sharded)
     noise = to_device(s, torch.randn((count, *x0.shape[1:]), generator=s.generator)[share], s.dtype)
     sigmas = sample_sigmas(count, method=t.timestep_sampling, generator=s.generator, logit_mean=t.logit_mean,
@@ -281,12 +285,12 @@ def micro_step(s: Session, indices: list[int], resolution: int, scale: float,
     _, _, h, w = x0.shape
     if t.timestep_shift != "none":
         sigmas = shift_sigmas(sigmas, h * w, mu_schedule=t.timestep_shift)
-    img_ids, txt_ids = s.ids.get(h, w, text.shape[1], s.device)
+    img_ids, txt_ids = s.ids.get(h, w, text.shape[1], s.device, references=0 if refs is None else refs.shape[1])
     guidance = t.guidance if s.variant.guidance_embeds else None
     autocast = (torch.autocast(s.device.type, dtype=s.autocast_dtype) if s.autocast_dtype else nullcontext())
     with autocast:
         loss = training_loss(s.transformer, x0, text, noise=noise, sigmas=to_device(s, sigmas), img_ids=img_ids,
-                             txt_ids=txt_ids, guidance=guidance, weighting=t.loss_weighting)
+                             txt_ids=txt_ids, guidance=guidance, weighting=t.loss_weighting, references=refs)
     weighted = loss * (mine / count)
     scaled = weighted * scale
     if s.sharded:   # reduce-scatter the gradients once per optimizer step, not after every micro-batch
@@ -325,7 +329,7 @@ def optimizer_step(s: Session, want_norm: bool) -> torch.Tensor | None:
 
 # ---------------------------------------------------------------------------------------------- the loop
 def sample(s: Session, callbacks: Callbacks) -> None:
-    from .sampling import generate, save_samples
+    from .sampling import generate, sample_references, save_samples
 
     c = s.config.sample
     if not c.steps or not (s.ranks.main or s.sharded):  # sample.steps=0: off; other ranks help only a sharded base
@@ -334,7 +338,8 @@ def sample(s: Session, callbacks: Callbacks) -> None:
     size = c.resolution or s.config.data.resolution[-1]
     with s.encoders.vae() as vae:
         images = generate(s.transformer, vae, s.variant.family, s.sample_embeds, s.cache.text(None), size=size,
-                          steps=c.steps, guidance=c.guidance, seed=c.seed, dtype=s.dtype, distilled=s.distilled)
+                          steps=c.steps, guidance=c.guidance, seed=c.seed, dtype=s.dtype, distilled=s.distilled,
+                          references=sample_references(s.config, s.cache))
     if not s.ranks.main:
         return
     paths = save_samples(images, s.run_dir / "samples", s.step)

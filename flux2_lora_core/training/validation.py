@@ -69,12 +69,16 @@ class Validator:
                 noise = torch.randn((len(LEVELS), *x0.shape), generator=generator)
                 x0 = x0.to(s.device, s.dtype)[None].expand(len(LEVELS), *x0.shape)
                 text = cache.text(index).to(s.device, s.dtype)[None].expand(len(LEVELS), -1, -1)
-                img_ids, txt_ids = s.ids.get(x0.shape[2], x0.shape[3], text.shape[1], s.device)
+                refs = cache.references(index, self.resolution)                # (n, 128, h, w) or None
+                if refs is not None:
+                    refs = refs.to(s.device, s.dtype)[None].expand(len(LEVELS), *refs.shape)
+                img_ids, txt_ids = s.ids.get(x0.shape[2], x0.shape[3], text.shape[1], s.device,
+                                             references=0 if refs is None else refs.shape[1])
                 with autocast:
                     total += training_loss(s.transformer, x0, text, noise=noise.to(s.device, s.dtype),
                                            sigmas=sigmas.to(s.device), img_ids=img_ids, txt_ids=txt_ids,
                                            guidance=t.guidance if s.variant.guidance_embeds else None,
-                                           weighting=t.loss_weighting).float()
+                                           weighting=t.loss_weighting, references=refs).float()
         finally:
             s.transformer.train(was_training)
         return float(total) / len(self.indices)

@@ -27,13 +27,16 @@ def test_gpu_speed_runs_tiny_on_the_cpu(tmp_path):
 
 
 def test_gpu_speed_runs_a_quantized_swapped_base_tiny_on_the_cpu(tmp_path):
-    """The settings issue 14's GPU checks need (an nf4 base with blocks swapped) run through the same script."""
+    """The settings issue 14's GPU checks need (an nf4 base with blocks swapped) run through the same script, here
+    with an edit LoRA's reference tokens."""
     out = tmp_path / "rows.json"
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_speed.py"), "--tiny", "--variants",
                           "klein-4b", "--resolutions", "64", "--checkpointing", "on", "--warmup", "1", "--steps", "1",
-                          "--quantization", "nf4", "--blocks-to-swap", "2", "--attention", "native", "--json", str(out)],
+                          "--quantization", "nf4", "--blocks-to-swap", "2", "--attention", "native", "--references", "1",
+                          "--json", str(out)],
                          capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
     (row,) = json.loads(out.read_text())   # the engine only: diffusers' loop has no block swap
-    assert (row["loop"], row["quantization"], row["blocks_to_swap"], row["checkpointing"]) == ("engine", "nf4", 2, True)
-    assert row["s_per_step"] > 0 and "error" not in row and "| klein-4b native nf4 swap 2 | engine | 64 |" in run.stdout
+    assert (row["loop"], row["quantization"], row["blocks_to_swap"], row["checkpointing"], row["references"]) == \
+        ("engine", "nf4", 2, True, 1)
+    assert row["s_per_step"] > 0 and "error" not in row and "| klein-4b native nf4 swap 2 1 ref | engine | 64 |" in run.stdout

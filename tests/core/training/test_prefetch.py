@@ -76,7 +76,8 @@ def test_the_plan_and_the_chosen_rows_match_what_the_step_reads_itself(workspace
             for n, (resolution, indices) in enumerate(plan):
                 flips = torch.tensor([(n + j) % 2 == 0 for j in range(len(indices))])
                 dropped = torch.tensor([(n + j) % 3 == 0 for j in range(len(indices))])
-                latents, texts = batches.get(resolution, indices).choose(flips, dropped)
+                latents, texts, refs = batches.get(resolution, indices).choose(flips, dropped)
+                assert refs is None                     # a text-to-image dataset: no reference latents
                 expected = torch.stack([s.cache.latent(i, resolution, flipped=bool(f)) for i, f in zip(indices, flips)])
                 assert torch.equal(latents, expected.to(s.dtype))
                 expected = torch.stack([s.cache.text(None if d else i) for i, d in zip(indices, dropped)])
