@@ -12,6 +12,9 @@ writes OUT_DIR/<variant>.safetensors and OUT_DIR/results.json:
   loaded" / "NOT LOADED" line is reported), the patched weights once ComfyUI has loaded the model;
 - the denoiser: Flux2.extra_conds(cross_attn=...) and apply_model at each requested sigma;
 - CLIPTextEncode of the prompt (token ids too), VAEEncode of an image read by LoadImage;
+- for an edit variant ("reference" in the job): LoadImage + VAEEncode of the reference image, and ComfyUI's
+  ReferenceLatent node on the positive and negative conditioning, so the denoiser and the sample see it as in
+  ComfyUI's FLUX.2 edit workflows (FLUX.2's default "index" method: time coordinate 10 per reference);
 - a sample: EmptyFlux2LatentImage, RandomNoise, Flux2Scheduler, KSamplerSelect "euler", CFGGuider ([klein]) or
   FluxGuidance + BasicGuider ([dev]), SamplerCustomAdvanced: the official FLUX.2 graph.
 
@@ -233,18 +236,29 @@ def run_variant(job: dict) -> tuple[dict, dict]:
     tensors["text/prompt"], tensors["text/empty"] = positive[0][0], negative[0][0]
     info["token_ids"] = {"prompt": token_ids(clip, job["prompt"]), "empty": token_ids(clip, "")}
 
+    folder_paths.set_input_directory(str(Path(job["image"]).parent))
+    edit = {}
+    if job.get("reference"):   # an edit LoRA: LoadImage -> VAEEncode -> ReferenceLatent, on both conditionings
+        from comfy_extras.nodes_edit_model import ReferenceLatent
+
+        image, _ = nodes.LoadImage().load_image(Path(job["reference"]).name)
+        (reference,) = nodes.VAEEncode().encode(vae, image)
+        tensors["vae/reference"] = reference["samples"]
+        positive = ReferenceLatent.execute(conditioning=positive, latent=reference)[0]
+        negative = ReferenceLatent.execute(conditioning=negative, latent=reference)[0]
+        edit = {"reference_latents": positive[0][1]["reference_latents"]}   # what the sampler hands extra_conds
+        info["reference_latents"] = len(edit["reference_latents"])
     inputs = load_file(job["inputs"])
     guidance = job["guidance"]
     for sigma in job["sigmas"]:
         x = inputs[f"x_t/{sigma}"]
-        conds = patched.model.extra_conds(cross_attn=positive[0][0], noise=x, device=x.device,
+        conds = patched.model.extra_conds(cross_attn=positive[0][0], noise=x, device=x.device, **edit,
                                           **({"guidance": guidance} if guidance is not None else {}))
         with torch.no_grad():
             denoised = patched.model.apply_model(x, torch.tensor([sigma]), **{k: c.cond for k, c in conds.items()})
         tensors[f"denoised/{sigma}"] = denoised
         tensors[f"c_crossattn/{sigma}"] = conds["c_crossattn"].cond
 
-    folder_paths.set_input_directory(str(Path(job["image"]).parent))
     image, _ = nodes.LoadImage().load_image(Path(job["image"]).name)
     (latent,) = nodes.VAEEncode().encode(vae, image)
     tensors["vae/latent"] = latent["samples"]

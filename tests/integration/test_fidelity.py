@@ -15,6 +15,9 @@ own (comfyui_fidelity.py says how and why), loads the same files through its nod
 (e) the engine's sample (training/sampling.py, diffusers' pipeline) equals ComfyUI's EmptyFlux2LatentImage +
     RandomNoise + Flux2Scheduler + euler sample with the same seed ([klein] CFG 4 against the empty prompt, [dev]
     FluxGuidance 4), compared as the final latent: <= 1e-4.
+The "-edit" variants train an edit LoRA (every image with a `_ref` reference image): ComfyUI's side reads the
+reference with LoadImage + VAEEncode and sets it with its ReferenceLatent node, so (b) and (e) compare the engine's
+reference tokens and position ids with ComfyUI's reference-latent path, and (d) also the cached reference latent.
 And, inside that ComfyUI process, the engine finds ComfyUI's bundled qwen25_tokenizer for a lone [klein] file and
 makes the token ids ComfyUI's own KleinTokenizer makes.
 
@@ -37,7 +40,8 @@ from types import SimpleNamespace
 import pytest
 
 HERE = Path(__file__).resolve().parent
-VARIANTS = ("klein", "dev", "klein-dora", "klein-lokr", "klein-loha")   # klein-X: lora.type=X on klein's files
+VARIANTS = ("klein", "dev", "klein-dora", "klein-lokr", "klein-loha", "klein-edit", "dev-edit")
+# klein-X: lora.type=X on klein's files; X-edit: a LoRA trained on an edit dataset (reference images)
 FAMILY = {variant: variant.split("-")[0] for variant in VARIANTS}
 SIGMAS = (0.3, 0.7, 0.95)
 RESOLUTION = 64                     # one 64 x 64 bucket: images are cached as they are, 4 x 4 latent tokens
@@ -89,15 +93,17 @@ def table(request):
 
 
 # ---------------------------------------------------------------------------------------------- the engine's side
-def _dataset(folder: Path) -> Path:
+def _dataset(folder: Path, edit: bool = False) -> Path:
+    """Two images with captions; for an edit dataset each with its reference `img<i>_ref.png` beside it."""
     import numpy as np
     from PIL import Image
 
     folder.mkdir(parents=True)
     rng = np.random.default_rng(7)
     for i, caption in enumerate(CAPTIONS):
-        pixels = np.clip(np.cumsum(rng.normal(0, 12, (RESOLUTION, RESOLUTION, 3)), axis=1) + 128, 0, 255)
-        Image.fromarray(pixels.astype(np.uint8)).save(folder / f"img{i}.png")
+        for name in (f"img{i}", f"img{i}_ref") if edit else (f"img{i}",):
+            pixels = np.clip(np.cumsum(rng.normal(0, 12, (RESOLUTION, RESOLUTION, 3)), axis=1) + 128, 0, 255)
+            Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{name}.png")
         (folder / f"img{i}.txt").write_text(caption, encoding="utf-8")
     return folder
 
@@ -117,12 +123,14 @@ def _train(root: Path, variant: str, models: Path | None = None) -> SimpleNamesp
     from flux2_lora_core.training.lora import add_lora
 
     family, kind = FAMILY[variant], (variant.split("-") + ["lora"])[1]
+    edit = kind == "edit"
+    kind = "lora" if edit else kind
     if models is None:
         models = root / "models"
         write_tiny_model(models, variant=family, fmt="comfyui")
     files = {part: models / name for part, name in COMFYUI_FILES[family].items()}
     overrides = [f"model.path={files['transformer']}", f"model.vae={files['vae']}",
-                 f"model.text_encoder={files['text_encoder']}", f"data.path={_dataset(root / 'data')}",
+                 f"model.text_encoder={files['text_encoder']}", f"data.path={_dataset(root / 'data', edit)}",
                  f"data.resolution={RESOLUTION}", "data.flip=false", f"cache.dir={root / 'cache'}",
                  f"output.dir={root / 'runs'}", f"output.name=fidelity-{variant}", "lora.rank=4",
                  "lora.targets=attention_mlp", "train.steps=4", "train.lr=1e-2", "sample.steps=2",
@@ -143,7 +151,8 @@ def _train(root: Path, variant: str, models: Path | None = None) -> SimpleNamesp
     cache, _ = cache_for_config(config)
     sources = resolve_sources(files["transformer"], vae=files["vae"], text_encoder=files["text_encoder"],
                               tokenizer=config.model.tokenizer)
-    return SimpleNamespace(variant=variant, family=family, root=root, files=files, config=config, lora=result.lora_path,
+    return SimpleNamespace(variant=variant, family=family, edit=edit, root=root, files=files, config=config,
+                           lora=result.lora_path,
                            model=model, base=base, cache=cache, index=[i.path for i in cache.items].index("img0.png"),
                            tokenizer=load_tokenizer(sources.tokenizer, sources.text_encoder), sources=sources,
                            vae=load_vae(files["vae"], dtype=f32, device=cpu))
@@ -153,7 +162,7 @@ def _train(root: Path, variant: str, models: Path | None = None) -> SimpleNamesp
 def trained(tmp_path_factory):
     runs: dict = {}
     for variant in VARIANTS:   # klein-dora trains on klein's very files: ComfyUI finds one file per name
-        models = runs["klein"].files["transformer"].parent.parent if variant.startswith("klein-") else None
+        models = runs[FAMILY[variant]].files["transformer"].parent.parent if "-" in variant else None
         runs[variant] = _train(tmp_path_factory.mktemp(f"fidelity-{variant}"), variant, models)
     return runs
 
@@ -182,7 +191,8 @@ def comfyui(trained, tmp_path_factory):
             "text_encoder": str(run.files["text_encoder"]), "tokenizer": str(run.files["tokenizer"]),
             "lora": str(run.lora), "prompt": CAPTIONS[0], "image": str(run.root / "data" / "img0.png"),
             "inputs": str(work / f"{variant}-inputs.safetensors"), "sigmas": list(SIGMAS),
-            "guidance": GUIDANCE if run.family == "dev" else None, "sample": SAMPLE, "family": run.family}
+            "guidance": GUIDANCE if run.family == "dev" else None, "sample": SAMPLE, "family": run.family,
+            "reference": str(run.root / "data" / "img0_ref.png") if run.edit else None}
     alone = work / "text_encoders" / trained["klein"].files["text_encoder"].name  # nothing beside it
     alone.parent.mkdir()
     shutil.copy(trained["klein"].files["text_encoder"], alone)
@@ -246,18 +256,29 @@ def test_comfyui_loads_every_lora_key_and_patches_base_plus_the_trained_delta(tr
 def test_comfyui_denoiser_gives_the_trained_models_velocity(trained, comfyui, variant, record_property):
     import torch
 
-    from flux2_lora_core.training.flow_matching import image_ids, predict_velocity, text_ids
+    from flux2_lora_core.training.flow_matching import PositionIds, predict_velocity
 
     run, got = trained[variant], comfyui[1][variant]
     text = run.cache.text(run.index)[None]                                # (1, L, 96), as the transformer gets it
-    worst = 0.0
+    refs = run.cache.references(run.index, RESOLUTION)                    # edit: (1, 128, 4, 4), the cached one
+    assert (refs is not None) == run.edit
+    refs = None if refs is None else refs[None]
+    img_ids, txt_ids = PositionIds().get(4, 4, text.shape[1], "cpu", references=0 if refs is None else 1)
+    guidance = GUIDANCE if run.family == "dev" else None
+    worst, without = 0.0, float("inf")
     for sigma, x_t in zip(SIGMAS, _noisy_latents(run).values()):
         with torch.no_grad():
-            velocity = predict_velocity(run.model, x_t, text, torch.tensor([sigma]), img_ids=image_ids(4, 4),
-                                        txt_ids=text_ids(text.shape[1]),
-                                        guidance=GUIDANCE if run.family == "dev" else None)
+            velocity = predict_velocity(run.model, x_t, text, torch.tensor([sigma]), img_ids=img_ids,
+                                        txt_ids=txt_ids, guidance=guidance, references=refs)
+            if run.edit:   # the same without the reference: what the comparison tells apart
+                alone = predict_velocity(run.model, x_t, text, torch.tensor([sigma]), img_ids=img_ids[:16],
+                                         txt_ids=txt_ids, guidance=guidance)
         comfyui_velocity = (x_t - got[f"denoised/{sigma}"]) / sigma    # ComfyUI's CONST: D = x - sigma v
         worst = max(worst, (velocity - comfyui_velocity).abs().max().item())
+        if run.edit:
+            without = min(without, (alone - comfyui_velocity).abs().max().item())
+    if run.edit:
+        assert comfyui[0][variant]["reference_latents"] == 1 and without > 100 * LIMITS["denoiser"], without
     record(record_property, variant, "denoiser", worst)
 
 
@@ -288,7 +309,10 @@ def test_cached_latent_is_comfyuis_vae_encoding(trained, comfyui, variant, recor
     run, got = trained[variant], comfyui[1][variant]
     assert run.cache.items[run.index].buckets[RESOLUTION] == (RESOLUTION, RESOLUTION)  # cached as it is on disk
     cached = run.cache.latent(run.index, RESOLUTION)                    # (128, 4, 4)
-    record(record_property, variant, "latent", (cached - got["vae/latent"][0]).abs().max().item())
+    worst = (cached - got["vae/latent"][0]).abs().max().item()
+    if run.edit:                                                        # and the reference's, cached beside it
+        worst = max(worst, (run.cache.references(run.index, RESOLUTION)[0] - got["vae/reference"][0]).abs().max().item())
+    record(record_property, variant, "latent", worst)
 
 
 # ---------------------------------------------------------------------------------------------- (e) sampling
@@ -301,7 +325,8 @@ def test_engine_sample_is_comfyuis_flux2_scheduler_euler_sample(trained, comfyui
     run, got = trained[variant], comfyui[1][variant]
     (tokens,) = sample_tokens(run.model, run.vae, run.family, [run.cache.text(run.index)], run.cache.text(None),
                               size=SAMPLE["size"], steps=SAMPLE["steps"], guidance=GUIDANCE, seed=SAMPLE["seed"],
-                              dtype=torch.float32)                      # (1, h*w, 128)
+                              dtype=torch.float32,                      # (1, h*w, 128); edit: the reference image
+                              references=[(run.root / "data" / "img0_ref.png",)] if run.edit else None)
     side = SAMPLE["size"] // 16
     latent = tokens.permute(0, 2, 1).reshape(1, 128, side, side)        # ComfyUI's (1, 128, h, w)
     assert got["sample/sigmas"].numel() == SAMPLE["steps"] + 1
