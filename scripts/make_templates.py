@@ -26,16 +26,17 @@ DEV = {"path": "flux2_dev_fp8mixed.safetensors", "vae": "flux2-vae.safetensors",
        "text_encoder": "mistral_3_small_flux2_fp8.safetensors"}
 
 
-def dataset(x: int, y: int) -> dict:
-    return {"1": ({"class_type": "Flux2LoraLoadDataset", "inputs": {"folder": "my_dataset", "trigger_word": ""}},
+def dataset(x: int, y: int, folder: str = "my_dataset") -> dict:
+    return {"1": ({"class_type": "Flux2LoraLoadDataset", "inputs": {"folder": folder, "trigger_word": ""}},
                   (x, y))}
 
 
-def training(files: dict, *, lora: dict, x: int = 40, y: int = 80, resume: str = "", name: str = "my_lora") -> dict:
+def training(files: dict, *, lora: dict, x: int = 40, y: int = 80, resume: str = "", name: str = "my_lora",
+             folder: str = "my_dataset") -> dict:
     """Load Dataset -> Validate Dataset -> Cache Latents <- Load Training Model (also into Validate); Configure LoRA;
     Train; Save LoRA; Plot Loss Graph."""
     return {
-        **dataset(x, y),
+        **dataset(x, y, folder),
         # the model's tokenizer counts caption tokens as the cache build will: both skip the same files
         "8": ({"class_type": "Flux2LoraValidateDataset", "inputs": {"dataset": ["1", 0], "model": ["2", 0]}},
               (x, y + 240)),
@@ -87,6 +88,27 @@ def generation(files: dict, *, x: int, y: int, prompt: str, dev: bool) -> dict:
     }
 
 
+def editing(files: dict, *, x: int, y: int, prompt: str) -> dict:
+    """generation() for [klein] with a picture to edit: LoadImage -> ImageScaleToTotalPixels -> VAEEncode ->
+    ReferenceLatent on the prompt and on the empty prompt (CFG compares like with like), the output sized like the
+    picture (GetImageSize), as ComfyUI's own FLUX.2 edit workflows build it."""
+    graph = generation(files, x=x, y=y, prompt=prompt, dev=False)
+    graph["30"][0]["inputs"].update(positive=["43", 0], negative=["44", 0])
+    graph["26"][0]["inputs"].update(width=["42", 0], height=["42", 1])
+    graph["27"][0]["inputs"].update(width=["42", 0], height=["42", 1])
+    return {**graph,
+            "40": ({"class_type": "LoadImage", "inputs": {"image": "example.png"}}, (x, y + 560)),
+            "41": ({"class_type": "ImageScaleToTotalPixels", "inputs": {"image": ["40", 0], "upscale_method": "lanczos",
+                                                                       "megapixels": 1.0, "resolution_steps": 16}},
+                   (x + 440, y + 560)),
+            "42": ({"class_type": "GetImageSize", "inputs": {"image": ["41", 0]}}, (x + 440, y + 800)),
+            "45": ({"class_type": "VAEEncode", "inputs": {"pixels": ["41", 0], "vae": ["25", 0]}}, (x + 660, y + 560)),
+            "43": ({"class_type": "ReferenceLatent", "inputs": {"conditioning": ["23", 0], "latent": ["45", 0]}},
+                   (x + 660, y + 160)),
+            "44": ({"class_type": "ReferenceLatent", "inputs": {"conditioning": ["24", 0], "latent": ["45", 0]}},
+                   (x + 660, y + 420))}
+
+
 TEMPLATES = {
     "flux2_klein_train_a_lora_and_generate_with_it": {
         "graph": {**training(KLEIN, lora={"steps": 1500, "preset": "character"}),
@@ -98,6 +120,19 @@ TEMPLATES = {
                  "text_encoders), set a trigger word, then Run. Train hands its LoRA straight to Load LoRA Model: "
                  "the image below uses it without reloading anything. Save LoRA copies it to models/loras for "
                  "other graphs."),
+    },
+    "flux2_klein_train_an_edit_lora_and_use_it": {
+        "graph": {**training(KLEIN, lora={"steps": 1500}, folder="my_edit_dataset", name="my_edit_lora"),
+                  **editing(KLEIN, x=40, y=1000, prompt="add a zxq hat to the person")},
+        "groups": [("1. Train an edit LoRA on input/my_edit_dataset (targets + _ref references)",
+                    ["1", "8", "2", "3", "4", "5", "6", "7"]),
+                   ("2. Edit a picture with it (the same graph, no reload)",
+                    [str(i) for i in [*range(20, 34), *range(40, 46)]])],
+        "note": ("An edit LoRA learns an instruction: each training image (the result) has a reference image (the "
+                 "picture before the edit) beside it, named like it with _ref (photo.png + photo_ref.png, or in a "
+                 "references/ folder), and a caption that says the edit (\"add a zxq hat to the person\"). Put them "
+                 "in ComfyUI/input/my_edit_dataset, check the model files on Load Training Model, then Run. The "
+                 "second half edits the picture on Load Image with the LoRA Train made: its prompt says the edit."),
     },
     "flux2_dev_train_a_lora_low_memory": {
         "graph": training(DEV, lora={"steps": 1500, "preset": "character", "rank": 16, "batch_size": 1,

@@ -4,6 +4,10 @@ Every image shows the concept, a bold orange ring with a dark rim, at a differen
 a varied gradient background with a few muted shapes; square, landscape and portrait images exercise
 the aspect buckets. Captions start with the trigger phrase and describe what varies. The same seed
 gives the same bytes (Pillow's PNG writer stores no timestamps).
+
+`edit=True` writes an edit dataset instead: beside each `demo_NN.png` its reference `demo_NN_ref.png`, the very
+same picture without the ring, and a caption that asks for the ring ("add a zxq ring ..."): an edit LoRA that
+learns to add the concept to a given picture.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ BACKGROUNDS = (  # name, top colour, bottom colour
 RING, RIM = (255, 128, 0), (90, 40, 0)
 
 
-def write_demo_dataset(folder, *, count: int = 8, size: int = 512, seed: int = 0) -> Path:
+def write_demo_dataset(folder, *, count: int = 8, size: int = 512, seed: int = 0, edit: bool = False) -> Path:
     """Write `count` PNG images with .txt captions into `folder` (created if missing) and return it.
 
     `size` is the short side in pixels; landscape and portrait images are 3:2. The validator calls a
@@ -53,18 +57,26 @@ def write_demo_dataset(folder, *, count: int = 8, size: int = 512, seed: int = 0
     for i in range(count):
         wide, high = SHAPES[i % len(SHAPES)]
         width, height = size * wide // min(wide, high), size * high // min(wide, high)
-        image, caption = _draw(rng, width, height)
-        buf = io.BytesIO()
-        image.save(buf, format="PNG", optimize=False)
-        with open(folder / f"demo_{i:02d}.png", "xb") as f:  # "x": fail rather than overwrite, even in a race
-            f.write(buf.getvalue())
+        image, before, caption, instruction = _draw(rng, width, height)
+        if edit:
+            _write_png(before, folder / f"demo_{i:02d}_ref.png")
+            caption = instruction
+        _write_png(image, folder / f"demo_{i:02d}.png")
         with open(folder / f"demo_{i:02d}.txt", "x", encoding="utf-8", newline="\n") as f:
             f.write(caption + "\n")
     return folder
 
 
-def _draw(rng: random.Random, width: int, height: int) -> tuple[Image.Image, str]:
-    """One image of the ring and its caption."""
+def _write_png(image: Image.Image, path: Path) -> None:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", optimize=False)
+    with open(path, "xb") as f:  # "x": fail rather than overwrite, even in a race
+        f.write(buf.getvalue())
+
+
+def _draw(rng: random.Random, width: int, height: int) -> tuple[Image.Image, Image.Image, str, str]:
+    """One image of the ring, the same image before the ring was drawn, its caption, and the edit instruction
+    that turns the second into the first."""
     name, top, bottom = rng.choice(BACKGROUNDS)
     image = Image.new("RGB", (width, height))
     draw = ImageDraw.Draw(image)
@@ -80,6 +92,7 @@ def _draw(rng: random.Random, width: int, height: int) -> tuple[Image.Image, str
     radius = round(short * {"small": 0.16, "medium": 0.25, "large": 0.36}[scale] * rng.uniform(0.9, 1.1))
     cx = rng.randint(radius + 2, width - radius - 2)
     cy = rng.randint(radius + 2, height - radius - 2)
+    before = image.copy()
     box = [cx - radius, cy - radius, cx + radius, cy + radius]
     thickness = max(3, radius * 2 // 5)
     draw.ellipse(box, outline=RIM, width=thickness)  # dark rim, then the orange band inside it
@@ -91,4 +104,4 @@ def _draw(rng: random.Random, width: int, height: int) -> tuple[Image.Image, str
                                                                                                    "centre")
     shape = "square" if width == height else "wide" if width > height else "tall"
     caption = f"{TRIGGER}, a {scale} bold orange ring in the {where} of a {shape} picture, on a {name} background"
-    return image, caption
+    return image, before, caption, f"add a {scale} {TRIGGER} in the {where} of the picture"

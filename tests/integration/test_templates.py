@@ -24,6 +24,8 @@ PACK_FOLDER = "ComfyUI-Flux2-LoRA"
 TEMPLATES = sorted(p.stem for p in (REPO / "example_workflows").glob("*.json"))
 SIZE = 64  # pixels: 4 x 4 latent tokens
 DATASET = "template_dataset"  # in input/, in place of the templates' my_dataset (which other tests create)
+EDIT_DATASET = "template_edit_dataset"  # in place of my_edit_dataset: targets with _ref references
+EDIT_INPUT = "template_edit_input.png"  # the picture the edit template's second half edits
 # Node inputs set to what runs in seconds on a CPU; inputs a node does not have are left alone.
 SHRINK = {"Flux2LoraConfigureLora": {"steps": 2, "checkpoint_every": 0, "sample_every": 0, "sample_steps": 0,
                                      "gradient_checkpointing": "false"},
@@ -32,17 +34,22 @@ SHRINK = {"Flux2LoraConfigureLora": {"steps": 2, "checkpoint_every": 0, "sample_
           "Flux2LoraCacheLatents": {"resolution": str(SIZE)},
           "Flux2LoraValidateDataset": {"resolution": 256},
           "EmptyFlux2LatentImage": {"width": SIZE, "height": SIZE},
-          "Flux2Scheduler": {"steps": 2, "width": SIZE, "height": SIZE}}
+          "Flux2Scheduler": {"steps": 2, "width": SIZE, "height": SIZE},
+          "LoadImage": {"image": EDIT_INPUT},
+          "ImageScaleToTotalPixels": {"megapixels": 0.01}}
 
 
 def runnable(prompt: dict) -> dict:
     for node in prompt.values():
         inputs = node["inputs"]
+        edit = node["class_type"] == "Flux2LoraLoadDataset" and inputs.get("folder") == "my_edit_dataset"
         if inputs.get("optimizer") == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
             inputs["optimizer"] = "adamw"  # the [dev] template's 8-bit AdamW needs the quantization extra
         for name, value in SHRINK.get(node["class_type"], {}).items():
             if name in inputs:
                 inputs[name] = value
+        if edit:
+            inputs["folder"] = EDIT_DATASET
         if node["class_type"] == "CLIPLoader":
             node.update(class_type="TinyFlux2CLIPLoader",
                         inputs={"clip_name": inputs["clip_name"], "tokenizer": "text_encoders"})
@@ -58,9 +65,21 @@ def test_the_templates_browser_lists_every_template(comfyui):
         assert status == 200 and body[:2] == b"\xff\xd8", name
 
 
+def edit_inputs(comfyui) -> None:
+    """An edit dataset (each target with its _ref reference) and a picture to edit, in input/ (written once)."""
+    import shutil
+
+    from flux2_lora_core.data.demo_data import write_demo_dataset
+
+    if not (comfyui.input_dir / EDIT_DATASET).exists():
+        write_demo_dataset(comfyui.input_dir / EDIT_DATASET, count=2, size=256, edit=True)
+        shutil.copy(comfyui.input_dir / EDIT_DATASET / "demo_00_ref.png", comfyui.input_dir / EDIT_INPUT)
+
+
 @pytest.mark.parametrize("name", TEMPLATES)
 def test_template_runs_end_to_end_on_tiny_models(comfyui, standard_models, to_api_prompt, name):
     standard_models(DATASET)
+    edit_inputs(comfyui)
     workflow = comfyui.get_json(f"/api/workflow_templates/{PACK_FOLDER}/{name}.json")
     notes = [n for n in workflow["nodes"] if n["type"] in ("Note", "MarkdownNote")]
     assert notes and workflow["groups"], f"{name}: a template says what to put where (a Note) and groups its parts"
@@ -78,6 +97,9 @@ def test_template_runs_end_to_end_on_tiny_models(comfyui, standard_models, to_ap
         assert comfyui.run(first)["status"]["status_str"] == "success"
     entry = comfyui.run(prompt)
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"], indent=1)[-6000:]
+    if any(node["class_type"] == "ReferenceLatent" for node in prompt.values()):   # the edit LoRA's template
+        (cache,) = [i for i, node in prompt.items() if node["class_type"] == "Flux2LoraCacheLatents"]
+        assert "edit dataset: 2 images with reference images" in entry["outputs"][cache]["text"][0]
     outputs = {i for i, node in prompt.items()
                if node["class_type"] in ("SaveImage", "Flux2LoraSaveLora", "Flux2LoraValidateDataset")}
     assert outputs <= set(entry["outputs"]), (outputs, list(entry["outputs"]))  # every output node ran
