@@ -4,7 +4,7 @@ kept on disk in verified shards so later runs load no encoder. Above data/ and m
 from ..exports import lazy_exports
 
 __getattr__, __dir__, __all__ = lazy_exports(__name__, {
-    "encoding": ("decoder_latents", "pack_latents"),
+    "encoding": ("decoder_latents", "fit_image", "pack_latents"),
     "frozen_encoders": ("open_encoders", "source_fingerprint"),
     "index": ("CacheSettings", "CacheSummary", "CachedItem", "LatentCache", "open_latent_cache"),
     "latent_cache": ("build_latent_cache", "cache_for_config", "dataset_cache_root"),

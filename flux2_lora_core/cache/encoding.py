@@ -46,18 +46,20 @@ def check_mode(family: str, mode: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- images
-def image_to_pixels(image: Image.Image, bucket: tuple[int, int], *, flip: bool = False) -> torch.Tensor:
-    """An RGB image resized to cover `bucket` (width, height), centre-cropped to it, as (3, H, W) in [-1, 1].
-
-    Lanczos when shrinking (what photo tools do; training images are nearly always larger than the
-    bucket), bicubic when enlarging. The flip, when asked for, comes after the crop so both
-    orientations show the same pixels.
-    """
+def fit_image(image: Image.Image, bucket: tuple[int, int]) -> Image.Image:
+    """An image resized to cover `bucket` (width, height) and centre-cropped to it. Lanczos when shrinking (what
+    photo tools do; training images are nearly always larger than the bucket), bicubic when enlarging."""
     fit = fit_to_bucket(image.width, image.height, bucket)
     shrinking = fit.scaled[0] <= image.width
     resized = image if fit.scaled == image.size else image.resize(
         fit.scaled, Image.Resampling.LANCZOS if shrinking else Image.Resampling.BICUBIC)
-    cropped = resized.crop(fit.box)
+    return resized.crop(fit.box)
+
+
+def image_to_pixels(image: Image.Image, bucket: tuple[int, int], *, flip: bool = False) -> torch.Tensor:
+    """An RGB image fitted to `bucket` (fit_image) as (3, H, W) in [-1, 1]. The flip, when asked for, comes after
+    the crop so both orientations show the same pixels."""
+    cropped = fit_image(image, bucket)
     if flip:
         cropped = cropped.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     array = np.asarray(cropped, dtype=np.uint8)  # (H, W, 3)

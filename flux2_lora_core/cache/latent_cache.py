@@ -129,8 +129,10 @@ def build_latent_cache(dataset, encoders, settings: CacheSettings = CacheSetting
             if team is not None:
                 _pool(team, (latents, texts), summary)
             empty_key = text_key("")
-            skipped = {path for path, _ in summary.skipped}   # an item goes with any of its reference images
-            items = [item for item in items if item.path not in skipped and skipped.isdisjoint(item.references)]
+            # An item goes with any of its reference images, and with an entry an identical file's failure left out.
+            skipped = {path for path, _ in summary.skipped}
+            items = [item for item in items if item.path not in skipped and skipped.isdisjoint(item.references)
+                     and item.all_latent_keys() <= latents.entries.keys()]
             if not items:
                 raise DatasetError(f"no image of {dataset.root} could be cached:\n  "
                                    + "\n  ".join(f"{p}: {r}" for p, r in summary.skipped[:20]))

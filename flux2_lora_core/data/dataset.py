@@ -185,6 +185,11 @@ def scan_dataset(path, *, caption_extensions=(".txt",), trigger_word: str = "", 
     for parts in (p for p in refs.unattached if p not in used):
         scan.note("warning", "orphan_reference", parts, "reference image with no target image of its name",
                   "name it after its target (a_ref.png or references/a.png for a.png), or delete it")
+    if refs.files and not references:   # left out by their names alone: say so rather than lose images quietly
+        first = "/".join(min(refs.files))
+        scan.note("warning", "references_left_out", (), f"{len(refs.files)} images are reference images by their "
+                  f"names ({first}, ...) and, with references off, are not trained on",
+                  "turn references on to train an edit LoRA with them, or rename them to train on them as images")
     trigger = str(trigger_word or "")
     items = []
     for parts, folder_repeats in sorted(scan.images.items()):

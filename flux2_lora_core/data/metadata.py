@@ -105,6 +105,8 @@ def metadata_captions(scan, lines: list[MetadataLine], reference_files, listed):
             captions[target] = CaptionSource(line.path, line.number, line.offset, line.entry.file_name)
             if (line.path, line.number) in listed:
                 chosen[target] = usable
+            else:                # the line that gives the caption gives the references too
+                chosen.pop(target, None)
     return captions, chosen
 
 

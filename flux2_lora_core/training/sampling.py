@@ -46,13 +46,16 @@ def sample_references(config, cache) -> list[tuple[Path, ...]]:
     return [tuple(root / ref for ref in cache.items[i].references) for i in range(min(2, len(cache)))]
 
 
-def _reference_images(paths) -> list | None:
-    """The PIL images; None (and a warning: a sample is not worth stopping the run for) when one is unreadable."""
+def _reference_images(paths, size: int) -> list | None:
+    """The PIL images fitted to the sample's size x size, as training fits references to their target's bucket (the
+    pipeline would keep them at their own size, up to 1 MP); None (and a warning: a sample is not worth stopping
+    the run for) when one is unreadable."""
+    from ..cache import fit_image
     from ..data import load_image_rgb
     from ..errors import Flux2LoraError
 
     try:
-        return [load_image_rgb(path) for path in paths] or None
+        return [fit_image(load_image_rgb(path), (size, size)) for path in paths] or None
     except Flux2LoraError as error:
         log.warning("sampling without reference images: %s", error)
         return None
@@ -83,7 +86,7 @@ def sample_tokens(transformer, vae, family: str, prompt_embeds: list[torch.Tenso
             return state
 
         for n, embedding in enumerate(prompt_embeds):
-            images = _reference_images(references[n]) if references else None    # PIL images, their own sizes
+            images = _reference_images(references[n], size) if references else None
             kwargs = {"prompt_embeds": embedding[None].to(device, dtype), "height": size, "width": size,
                       **({"image": images} if images else {}),
                       "num_inference_steps": steps, "guidance_scale": guidance, "output_type": "latent",

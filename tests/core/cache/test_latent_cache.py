@@ -240,6 +240,19 @@ def test_unreadable_images_are_skipped_with_the_reason(pipes, dataset_dir, tmp_p
         build(dataset_dir, LoadedEncoders.from_pipeline(pipes["klein"], "klein"), tmp_path)
 
 
+def test_a_target_goes_with_a_reference_that_cannot_be_encoded_even_a_shared_copy(pipes, dataset_dir, tmp_path,
+                                                                                    truncated_copy):
+    """Edit pairs: byte-identical references are encoded once; when that one decode fails, every target using the
+    bytes is left out (not only the one whose path the failure names), and the others keep their references."""
+    for target in ("a", "d"):                       # a and d share a bucket: the copies are one entry to encode
+        truncated_copy(dataset_dir / "b.png", dataset_dir / f"{target}_ref.png", keep=0.6)   # the header reads
+    Image.open(dataset_dir / "a.png").save(dataset_dir / "b_ref.png")
+    cache = build(dataset_dir, LoadedEncoders.from_pipeline(pipes["klein"], "klein"), tmp_path)
+    assert [item.path for item in cache.items] == ["b.png", "c.jpg"]
+    assert [p for p, _ in cache.summary.skipped] == ["a_ref.png"]          # one decode, for both copies
+    assert cache.references(0, RES).shape == (1, *cache.latent(0, RES).shape) and cache.references(1, RES) is None
+
+
 def _live(cls) -> int:
     import gc
 

@@ -100,6 +100,18 @@ def test_metadata_references_replace_sidecar_ones_and_are_never_targets(tmp_path
     assert notes(ds) == [] and "a_ref.png" not in names(ds)
 
 
+def test_the_metadata_line_that_gives_the_caption_gives_the_references(tmp_path, make_image, write_text):
+    """Two metadata files name sub/b.png: the deeper one's line wins, and without references of its own it leaves
+    the image its by-name references, not the other line's."""
+    for name in ("sub/b.png", "sub/b_ref.png", "sub/src.png"):
+        make_image(tmp_path / name)
+    write_text(tmp_path / "metadata.jsonl", json.dumps({"file_name": "sub/b.png", "text": "shallow",
+                                                        "reference": "sub/src.png"}) + "\n")
+    write_text(tmp_path / "sub" / "metadata.jsonl", json.dumps({"file_name": "b.png", "text": "deep"}) + "\n")
+    ds = load_dataset(tmp_path)
+    assert refs(ds) == {"sub/b.png": ["sub/b_ref.png"]} and ds.caption(0) == "deep"
+
+
 def test_bad_metadata_references_are_errors_with_their_line(tmp_path, make_image, write_text):
     outside = tmp_path / "outside.png"
     make_image(outside)
@@ -144,6 +156,9 @@ def test_references_off_attaches_none_and_still_trains_no_reference(tmp_path, ma
     on, off = load_dataset(tmp_path), load_dataset(tmp_path, references=False)
     assert refs(on) == {"a.png": ["a_ref.png"], "b.png": ["src.png"]}
     assert refs(off) == {"a.png": [], "b.png": []} and off.references is False
+    (left_out,) = [n for n in off.notes if n.code == "references_left_out"]     # said, not lost quietly
+    assert left_out.severity == "warning" and left_out.message.startswith("3 images are reference images by their names (a_ref.png, ...)")
+    assert "references_left_out" not in {n.code for n in on.notes}
     assert pickle.loads(pickle.dumps(off)) == off
     data = Config().replace(data={"path": str(tmp_path), "references": False}).data
     assert data.references is False and Config().data.references is True
@@ -231,7 +246,7 @@ def test_some_targets_without_references_are_a_warning(tmp_path, make_image, wri
     assert "caption of a reference image" in report.warnings[0].message
     assert report.usable and not validate_dataset(tmp_path, resolution=256, strict=True).usable
     plain = validate_dataset(tmp_path, resolution=256, references=False)
-    assert [p.code for p in plain.warnings] == ["orphan_caption"] and plain.stats["images"]["found"] == 5
+    assert [p.code for p in plain.warnings] == ["orphan_caption", "references_left_out"] and plain.stats["images"]["found"] == 5
 
 
 def test_confined_references_never_lead_out(tmp_path, make_image, write_text):

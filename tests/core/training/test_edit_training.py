@@ -109,6 +109,12 @@ def test_an_edit_run_samples_edits_and_scores_held_out_pairs(workspace, edit_dat
     assert [r.validation_loss is not None for r in recorder.reports] == [False, True]
     (step, paths), = recorder.samples
     assert step == 2 and len(paths) == 2 and all(Image.open(p).size == (64, 64) for p in paths)
+    from flux2_lora_core.training.sampling import _reference_images, sample_references
+
+    chosen = sample_references(config, s.cache)                         # each sample caption's own references
+    assert [tuple(p.name for p in refs) for refs in chosen] == [("demo_00_ref.png",), ("demo_01_ref.png",)]
+    wide = _reference_images(chosen[1], 64)                             # 420 x 200 on disk: fitted as training does
+    assert [image.size for image in wide] == [(64, 64)]
     assert result.lora_path.exists()
 
 
