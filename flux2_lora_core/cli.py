@@ -209,7 +209,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     name = args.variant if args.variant.startswith("flux2-") else f"flux2-{args.variant}"
     plan = plan_for_variant(name, args.resolution, batch_size=args.batch_size, rank=args.rank, vram_gib=args.vram,
-                            optimizer=args.optimizer,
+                            optimizer=args.optimizer, references=args.references,
                             quantizations=(args.quantization,) if args.quantization else SPEED_ORDER)
     print(format_plan(plan))
     return EXIT_OK if args.vram is None or plan.best else EXIT_UNUSABLE
@@ -344,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=1, metavar="N", help="train.batch_size (1)")
     p.add_argument("--rank", type=positive_int, default=16, metavar="N", help="lora.rank (16)")
     p.add_argument("--optimizer", choices=["adamw", "adamw8bit", "sgd"], default="adamw", help="train.optimizer")
+    p.add_argument("--references", type=positive_int, default=0, metavar="N", help="edit LoRAs: references per target")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("tiny-model", help="write a tiny random-weight FLUX.2 model for tests and demos",

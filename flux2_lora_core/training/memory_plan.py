@@ -140,6 +140,7 @@ class Plan:
     text_encoder: str
     text_encoder_gib: float                # its peak while caching: bf16 weights + the hidden states of a prompt
     text_encoder_settings: tuple[tuple[str, float], ...] = ()   # (setting, peak GiB) of the other ways to cache
+    references: int = 0                    # an edit LoRA's reference images per target
 
     @property
     def best(self) -> Estimate | None:
@@ -156,10 +157,11 @@ class Plan:
 def plan_memory(config: dict, resolution: int, *, name: str = "custom", batch_size: int = 1, rank: int = 16,
                 vram_gib: float | None = None, optimizer: str = "adamw", targets: str = "attention_mlp",
                 quantizations: tuple[str, ...] = SPEED_ORDER, text_tokens: int = TEXT_TOKENS,
-                dtype_bytes: int = 2) -> Plan:
+                dtype_bytes: int = 2, references: int = 0) -> Plan:
     """Every (quantization, checkpointing) setting's predicted peak for a transformer config, fastest first; given a
     GPU size, then per quantization whose checkpointed row does not fit it, the fewest model.blocks_to_swap that
-    make it fit (block swap needs checkpointing; its copies cost time, so it comes last)."""
+    make it fit (block swap needs checkpointing; its copies cost time, so it comes last). `references`: an edit
+    LoRA's reference images per target, each adding the target's tokens."""
     d, m, _, _, _ = _sizes(config)
     params = parameter_count(config)
     lora = lora_parameter_count(config, rank, targets) * OPTIMIZER_BYTES.get(optimizer, 16) / GiB
@@ -168,7 +170,7 @@ def plan_memory(config: dict, resolution: int, *, name: str = "custom", batch_si
     rows = []
     for checkpointing in (False, True):
         activations = activation_bytes(config, resolution, batch_size=batch_size, checkpointing=checkpointing,
-                                       text_tokens=text_tokens, dtype_bytes=dtype_bytes) / GiB
+                                       text_tokens=text_tokens, dtype_bytes=dtype_bytes, images=1 + references) / GiB
         for q in quantizations:
             bytes_per = QUANTIZATIONS[q] if dtype_bytes == 2 or q != "none" else dtype_bytes
             weights = blocks * bytes_per + (params - blocks) * (2 if dtype_bytes == 2 else dtype_bytes)
@@ -193,7 +195,7 @@ def plan_memory(config: dict, resolution: int, *, name: str = "custom", batch_si
         settings.append(("cache.text_encoder_offload=layers (bf16)",
                          (vocab * hidden * 2 + 2 * (count - vocab * hidden) / layers * 2 + states) / GiB))
     return Plan(name, resolution, batch_size, rank, vram_gib, tuple(rows), encoder, (count * 2 + states) / GiB,
-                tuple(settings[1:]))
+                tuple(settings[1:]), references)
 
 
 def plan_for_variant(variant: str, resolution: int, **options) -> Plan:
@@ -206,7 +208,8 @@ def plan_for_variant(variant: str, resolution: int, **options) -> Plan:
 def format_plan(plan: Plan) -> str:
     """The table `flux2-lora plan` prints and Configure LoRA shows."""
     vram = plan.vram_gib
-    lines = [f"{plan.name} at {plan.resolution} px, batch {plan.batch_size}, rank {plan.rank}: predicted peak GiB "
+    refs = f", {plan.references} reference image{'s' * (plan.references > 1)} per target" if plan.references else ""
+    lines = [f"{plan.name} at {plan.resolution} px{refs}, batch {plan.batch_size}, rank {plan.rank}: predicted peak GiB "
              "of a training step" + (f" on {vram:g} GiB (fits: total + {HEADROOM_GIB:g} GiB headroom)" if vram else ""),
              f"{'quantization':<13}{'checkpointing':<15}{'swap':>5}{'weights':>8}{'LoRA+opt':>10}{'activations':>13}"
              f"{'total':>8}  fits"]
