@@ -145,3 +145,29 @@ def test_an_edit_lora_sharded_over_two_ranks_is_the_one_process_lora(workspace, 
     run(["train", *common, f"output.dir={tmp_path / 'two'}", "train.batch_size=1", "train.fsdp=true"], ranks=2)
     one, two = (load_file(tmp_path / name / "flux2_lora" / "lora" / "flux2_lora.safetensors") for name in ("one", "two"))
     assert one.keys() == two.keys() and max(float((one[k] - two[k]).abs().max()) for k in one) <= 1e-5
+
+
+def test_an_edit_run_resumes_bit_exact_and_refuses_changed_references(workspace, edit_data, tmp_path, stop_after):
+    """k steps + resume k steps is the 2k-step run, references and all; a reference edited since is other training
+    data, refused like an edited image."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from flux2_lora_core.errors import CheckpointError
+    from flux2_lora_core.resume import resume
+
+    data = tmp_path / "data"
+    shutil.copytree(edit_data, data)
+    common = ("data.flip=true", "train.caption_dropout=0.3", "train.batch_size=2", "sample.steps=0", "train.steps=4")
+    straight = trainer.train(edit_config(workspace, data, tmp_path / "a", *common))
+    first = trainer.train(edit_config(workspace, data, tmp_path / "b", *common), stop_after(2))
+    second = resume(first.run_dir)
+    assert first.losses + second.losses == straight.losses
+    a, b = load_file(straight.lora_path), load_file(second.lora_path)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    third = trainer.train(edit_config(workspace, data, tmp_path / "c", *common), stop_after(2))
+    Image.open(data / "demo_03_ref.png").rotate(90).save(data / "demo_03_ref.png")
+    with pytest.raises(CheckpointError, match="changed since this checkpoint"):
+        resume(third.run_dir)
