@@ -53,6 +53,23 @@ def test_a_corrupt_image_is_skipped_and_named_unless_strict(comfyui, make_datase
     assert "NOT USABLE" in error["exception_message"]
 
 
+def test_an_edit_datasets_references_are_checked_with_their_targets_and_can_be_turned_off(comfyui):
+    """Load Dataset's `references` (optional: graphs without it queue as before) attaches a_ref.png to a.png; a
+    broken reference skips its target; off, the targets are checked alone and the reference files stay out."""
+    from flux2_lora_core.data.demo_data import write_demo_dataset
+
+    folder = write_demo_dataset(comfyui.input_dir / "edit_set", count=3, size=256, edit=True)
+    (folder / "demo_02_ref.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 8)
+    report = report_of(comfyui.run(dataset_graph("edit_set")))
+    assert "3 of 3 images have reference images (3 files)" in report
+    assert "usable: 2 of 3 images; this one will be skipped" in report and "demo_02_ref.png" in report
+    graph = dataset_graph("edit_set")
+    graph["1"]["inputs"]["references"] = False
+    report = report_of(comfyui.run(graph))
+    assert "3 found, 3 usable" in report and "have reference images" not in report
+    assert "3 images are reference images by their names" in report
+
+
 def test_too_few_images_stops_the_graph(comfyui, make_dataset):
     make_dataset("small_set", count=2)
     error = error_of(comfyui.run(dataset_graph("small_set", min_images=5)))
