@@ -30,6 +30,7 @@ from .report import CODES, TEXT_TOKENS, Problem, ValidationReport, human_size, p
 MIN_SIDE, SMALL_SIDE = 256, 512
 CAPTION_PEEK_BYTES = 64 * 1024  # captions are read this far; longer ones are sized by their byte count
 BYTES_PER_TOKEN = 4  # without a tokenizer: UTF-8 bytes / 4 (about right for English; CJK is undercounted ~2x)
+CROP_WARNING = 0.10  # a reference that loses more than this share of its area to the crop to its image's shape
 # Above LONG_CAPTION_TOKENS a caption gets a warning saying what its conditioning mode does with the rest (the
 # prompt length both programs pad to: cache/encoding.py MAX_SEQUENCE_LENGTH); above max_caption_tokens it is an
 # error and the image is skipped: the text encoder's attention grows with the square of the length, so a pasted
@@ -146,7 +147,7 @@ class _Tally:
     def add_item(self, item, c: _Checked, ref_checked: dict) -> None:
         rel = shown_path(item.image_path, self.dataset.root)
         ok = self._image(rel, c)
-        ok = self._references(rel, item.references, ref_checked) and ok
+        ok = self._references(rel, item.references, ref_checked, c.info) and ok
         if ok:
             self.usable.append((rel, c.info))
             self.n_references[rel] = len(item.references)
@@ -216,11 +217,21 @@ class _Tally:
                      "be upscaled", "use a larger original if you have one", image=rel)
         return True
 
-    def _references(self, rel: str, references, checked: dict) -> bool:
-        """Report the image's reference images that cannot be used (each rules the image out); True if none."""
+    def _references(self, rel: str, references, checked: dict, target) -> bool:
+        """Report the image's reference images that cannot be used (each rules the image out); True if none. One
+        whose shape differs from its target's is noted: training crops it to the target's bucket, and what the crop
+        cuts off the LoRA never sees."""
         ok = True
         for ref in references:
             c = checked[ref]
+            if c.image_error is None and target is not None:
+                ratios = (c.info.width / c.info.height, target.width / target.height)
+                lost = 1 - min(ratios) / max(ratios)
+                if lost > CROP_WARNING:
+                    self.add("warning", "reference_cropped", rel, f"reference {shown_path(ref, self.dataset.root)} "
+                             f"is {c.info.width}x{c.info.height}, its image {target.width}x{target.height}: fitted to "
+                             f"the image's shape, {lost:.0%} of it is cropped away",
+                             "crop or pad the reference to its image's aspect ratio", image=rel)
             if c.image_error is not None:
                 exc = c.image_error
                 detail, fix = getattr(exc, "detail", exc.reason), getattr(exc, "fix", "check the file")

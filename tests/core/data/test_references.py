@@ -271,3 +271,15 @@ def test_confined_references_never_lead_out(tmp_path, make_image, write_text):
     free = refs(load_dataset(root))  # without confinement, links are followed wherever they lead
     assert {k: free[k] for k in ("a.png", "b.png", "c.png")} == {
         "a.png": ["a_ref.png"], "b.png": ["references/b.png"], "c.png": ["linked/secret_canary.png"]}
+
+
+def test_a_reference_shaped_unlike_its_image_is_a_warning_naming_the_share_cropped(tmp_path, make_image, write_text):
+    for stem, ref_size in (("a", (300, 300)), ("b", (330, 300)), ("c", (600, 300))):
+        make_image(tmp_path / f"{stem}.png", (300, 300))
+        make_image(tmp_path / f"{stem}_ref.png", ref_size)
+        write_text(tmp_path / f"{stem}.txt", f"edit {stem}")
+    report = validate_dataset(tmp_path, resolution=256)
+    (cropped,) = [p for p in report.warnings if p.code == "reference_cropped"]      # 9% of b's: under the bar
+    assert cropped.path == "c.png" and cropped.message == ("reference c_ref.png is 600x300, its image 300x300: fitted "
+                                                           "to the image's shape, 50% of it is cropped away")
+    assert report.usable and report.stats["images"]["usable"] == 3
