@@ -71,7 +71,8 @@ def test_validate_reports_an_edit_datasets_references_unless_told_not_to(tmp_pat
     result = flux2_lora("validate", str(data))
     assert result.returncode == 0 and "2 of 2 images have reference images (2 files)" in result.stdout, result.stdout
     plain = flux2_lora("validate", str(data), "--no-references")
-    assert plain.returncode == 0 and "reference" not in plain.stdout and "2 found, 2 usable" in plain.stdout
+    assert plain.returncode == 0 and "have reference images" not in plain.stdout and "2 found, 2 usable" in plain.stdout
+    assert "2 images are reference images by their names (demo_00_ref.png, ...)" in plain.stdout   # said, not lost
 
 
 def test_validate_json_is_machine_readable(tmp_path):
