@@ -30,7 +30,7 @@ def test_the_file_has_a_dora_scale_per_layer_and_the_run_resumes_exactly(dora_ru
     lora = load_file(result.lora_path)
     layers = {k.rsplit(".lora_", 1)[0] for k in lora if ".lora_" in k}
     scales = {k[:-len(".dora_scale")]: v for k, v in lora.items() if k.endswith(".dora_scale")}
-    assert scales.keys() == layers                                     # fused qkv layers included
+    assert layers and scales.keys() == layers                          # fused qkv layers included
     for layer, scale in scales.items():
         assert scale.shape == (lora[f"{layer}.lora_B.weight"].shape[0], 1)
     adapter = read_checkpoint(find_checkpoints(result.run_dir)[-1])[0]["adapter"]
@@ -77,5 +77,10 @@ def test_dora_continues_a_plain_lora_starting_as_that_lora(training_files, tmp_p
                 moved = max(moved, float(lora.abs().max()))
             checked += 1
         assert checked > 10 and moved > 1e-3 and worst <= 1e-5, (checked, moved, worst)
+        from flux2_lora_core.lora_files import lora_state_dict, read_lora
+
+        expected, started = read_lora(plain.lora_path)[0], lora_state_dict(s.transformer)   # A and B: the file's
+        assert expected.keys() <= started.keys()
+        assert max(float((started[k] - expected[k]).abs().max()) for k in expected) <= 1e-6
     finally:
         trainer.cleanup(s, release_model=True)

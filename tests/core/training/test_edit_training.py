@@ -68,14 +68,18 @@ def test_the_step_gives_each_target_its_own_references(workspace, edit_data, tmp
                          "train.caption_dropout=0.5")
     s = trainer.setup(config, Callbacks())
     try:
-        state = s.generator.get_state()
-        indices = s.streams[64].next()
-        x0, text, refs = trainer.micro_batch(s, indices, 64)
-        s.generator.set_state(state)
-        draws = torch.rand(2, len(indices), generator=s.generator)      # micro_batch's own draws, replayed
-        for row, (i, flip) in enumerate(zip(indices, (draws[0] < 0.5).tolist())):
-            assert torch.equal(x0[row], s.cache.latent(i, 64, flipped=flip))
-            assert torch.equal(refs[row], s.cache.references(i, 64, flipped=flip))   # mirrored with its target
+        seen = set()
+        for _ in range(8):                                               # until both orientations were drawn
+            state = s.generator.get_state()
+            indices = s.streams[64].next()
+            x0, text, refs = trainer.micro_batch(s, indices, 64)
+            s.generator.set_state(state)
+            draws = torch.rand(2, len(indices), generator=s.generator)  # micro_batch's own draws, replayed
+            for row, (i, flip) in enumerate(zip(indices, (draws[0] < 0.5).tolist())):
+                assert torch.equal(x0[row], s.cache.latent(i, 64, flipped=flip))
+                assert torch.equal(refs[row], s.cache.references(i, 64, flipped=flip))   # mirrored with its target
+                seen.add(flip)
+        assert seen == {False, True}
     finally:
         trainer.cleanup(s, release_model=True)
 
@@ -99,6 +103,8 @@ def test_an_edit_run_samples_edits_and_scores_held_out_pairs(workspace, edit_dat
                          "train.steps=2", "sample.every=2")
     s = trainer.setup(config, Callbacks())
     try:
+        chosen = s.sample_references                                    # each sample caption's own references
+        assert [tuple(p.name for p in refs) for refs in chosen] == [("demo_00_ref.png",), ("demo_01_ref.png",)]
         held = s.validator.indices
         with_refs = s.validator.loss(s)
         s.cache.items[held[0]].reference_keys.clear()                   # the same pair without its reference
@@ -109,10 +115,12 @@ def test_an_edit_run_samples_edits_and_scores_held_out_pairs(workspace, edit_dat
     assert [r.validation_loss is not None for r in recorder.reports] == [False, True]
     (step, paths), = recorder.samples
     assert step == 2 and len(paths) == 2 and all(Image.open(p).size == (64, 64) for p in paths)
-    from flux2_lora_core.training.sampling import _reference_images, sample_references
+    plain = Recorder()                                                  # the same run without references
+    trainer.train(config.replace(data={"references": False}, output={"dir": str(tmp_path / "plain")}), plain)
+    (_, plain_paths), = plain.samples
+    assert all(Image.open(a).tobytes() != Image.open(b).tobytes() for a, b in zip(paths, plain_paths))
+    from flux2_lora_core.training.sampling import _reference_images
 
-    chosen = sample_references(config, s.cache)                         # each sample caption's own references
-    assert [tuple(p.name for p in refs) for refs in chosen] == [("demo_00_ref.png",), ("demo_01_ref.png",)]
     wide = _reference_images(chosen[1], 64)                             # 420 x 200 on disk: fitted as training does
     assert [image.size for image in wide] == [(64, 64)]
     assert result.lora_path.exists()

@@ -175,6 +175,7 @@ def test_plan_command_prints_the_table_and_the_fastest_fitting_setting(capsys):
     plain, edit = (plan_for_variant("flux2-klein-4b", 1024, references=n) for n in (0, 1))
     assert main(["plan", "--variant", "klein-4b", "--references", "1"]) == 0
     assert "at 1024 px, 1 reference image per target" in capsys.readouterr().out
+    assert plain.rows and len(plain.rows) == len(edit.rows)
     for a, b in zip(plain.rows, edit.rows):   # a reference doubles the image tokens: more activations, same weights
         assert b.weights == a.weights and b.activations > 1.5 * a.activations
     with pytest.raises(SystemExit) as usage:
