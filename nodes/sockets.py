@@ -15,6 +15,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..flux2_lora_core.errors import ConfigError, Flux2LoraError, PathNotAllowedError
+from .lora_settings import KEYS as LORA_WIDGET_KEYS
 
 Dataset = io.Custom("FLUX2_DATASET")
 Model = io.Custom("FLUX2_MODEL")
@@ -25,8 +26,9 @@ MADE_BY = {"FLUX2_DATASET": "Load Dataset", "FLUX2_MODEL": "Load Training Model"
            "FLUX2_LORA_CONFIG": "Configure LoRA", "FLUX2_RUN": "Train"}
 SOCKET_OF = {"dataset": "FLUX2_DATASET", "model": "FLUX2_MODEL", "cache": "FLUX2_CACHE",
              "lora_config": "FLUX2_LORA_CONFIG", "run": "FLUX2_RUN"}  # input name -> socket type, the same everywhere
-LORA_SECTIONS = frozenset({"lora", "train", "sample", "checkpoint", "data"})  # what Configure LoRA's dict may set
-LORA_DATA_KEYS = frozenset({"validation_split", "validation_path"})   # ...of data.*: the held-out images only
+# What Configure LoRA's dict may set: the sections of its widgets' keys, and of data.* only its own (held-out images).
+LORA_SECTIONS = frozenset(key.split(".")[0] for key in LORA_WIDGET_KEYS.values())
+LORA_DATA_KEYS = frozenset(key[len("data."):] for key in LORA_WIDGET_KEYS.values() if key.startswith("data."))
 
 
 def refuse_at_queue(node: type[io.ComfyNode], input_types: dict | None = None, sockets: dict | None = None,

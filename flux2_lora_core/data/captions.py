@@ -58,18 +58,16 @@ def parse_metadata_entry(raw: bytes) -> MetadataEntry | str:
     if "reference" not in obj and "references" not in obj:
         return MetadataEntry(obj["file_name"], obj["text"])
     one, many = obj.get("reference"), obj.get("references", [])
-    error = " and ".join(([] if one is None or isinstance(one, str) else ['"reference" is not a string (a path)'])
-                         + ([] if isinstance(many, list) and all(isinstance(r, str) for r in many)
-                            else ['"references" is not a list of strings (paths)']))
-    paths = ([one] if isinstance(one, str) else []) + ([r for r in many if isinstance(r, str)]
-                                                        if isinstance(many, list) else [])
-    return MetadataEntry(obj["file_name"], obj["text"], tuple(paths), error)
-
-
-def parse_metadata_line(raw: bytes) -> tuple[str, str] | str:
-    """(file_name, text) from one metadata.jsonl line, or what is wrong with the line."""
-    entry = parse_metadata_entry(raw)
-    return entry if isinstance(entry, str) else (entry.file_name, entry.text)
+    errors, paths = [], []
+    if isinstance(one, str):
+        paths.append(one)
+    elif one is not None:
+        errors.append('"reference" is not a string (a path)')
+    if not isinstance(many, list) or not all(isinstance(r, str) for r in many):
+        errors.append('"references" is not a list of strings (paths)')
+    if isinstance(many, list):
+        paths += [r for r in many if isinstance(r, str)]
+    return MetadataEntry(obj["file_name"], obj["text"], tuple(paths), " and ".join(errors))
 
 
 @dataclass(frozen=True)
@@ -103,19 +101,19 @@ class CaptionSource:
             with open_regular_file(self.path) as f:
                 f.seek(self.offset)
                 lines = [f.readline()]
-                first = parse_metadata_line(lines[0])
-                if not isinstance(first, tuple) or first[0] != self.file_name:  # edited since loading: look again
+                first = parse_metadata_entry(lines[0])
+                if isinstance(first, str) or first.file_name != self.file_name:  # edited since loading: look again
                     f.seek(0)
                     lines = f.readlines()
-            entries = (e for e in map(parse_metadata_line, lines) if isinstance(e, tuple))
-            found = next((e for e in entries if e[0] == self.file_name), None)
+            entries = (e for e in map(parse_metadata_entry, lines) if not isinstance(e, str))
+            found = next((e for e in entries if e.file_name == self.file_name), None)
         except OSError as exc:
             raise _caption_error(self.path, "unreadable_caption", f"cannot be read ({exc.strerror or exc})",
                                  "make it a readable text file") from None
         if found is None:
             raise _caption_error(self.path, "metadata_changed", f"no longer has an entry for {self.file_name!r}",
                                  "load the dataset again")
-        return found[1]
+        return found.text
 
 
 def with_trigger(trigger_word: str, caption: str) -> str:

@@ -14,8 +14,8 @@ from pathlib import Path, PurePosixPath
 
 from .captions import CaptionSource, MetadataEntry, parse_metadata_entry
 from .images import IMAGE_EXTENSIONS, open_regular_file
+from .references import Parts
 
-Parts = tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ def metadata_references(scan, lines: list[MetadataLine]) -> dict[tuple[Path, int
         if entry.references_error:
             bad.append((entry.references_error, 'write "reference": "a_src.png" or "references": ["a_1.png", '
                         '"a_2.png"]'))
-        for name in entry.references or ():
+        for name in entry.references:
             parts, message, fix = _reference(scan, line, name)
             if parts:
                 usable.append(parts)
@@ -72,19 +72,33 @@ def metadata_references(scan, lines: list[MetadataLine]) -> dict[tuple[Path, int
 def _reference(scan, line: MetadataLine, name: str) -> tuple:
     """(parts, "", "") for a usable reference path, else (None, what is wrong, the fix): checked as a file_name
     is, and confined."""
-    rel = PurePosixPath(name.replace("\\", "/"))
-    if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+    found = _in_folder(scan, line, name)
+    if found is None:
         return None, f"reference {name!r} is not inside the folder", \
             "use a path relative to the folder that holds the metadata file"
-    full = scan.root.joinpath(*line.folder, *rel.parts)
+    parts, full = found
     if scan.reaches_out(full):  # before anything else is looked at
         return None, f"reference {name!r} leads outside the folders the dataset may be read from", \
             "copy the file into the dataset instead of linking to it"
     if not os.path.lexists(full):
         return None, f"reference {name!r} does not exist", "fix the name or remove it from the line"
-    if os.path.splitext(rel.name)[1].lower() not in IMAGE_EXTENSIONS or os.path.isdir(full):
+    if _not_an_image(full):
         return None, f"reference {name!r} is not a supported image", "point it at a .png/.jpg/.webp image"
-    return (*line.folder, *rel.parts), "", ""
+    return parts, "", ""
+
+
+def _in_folder(scan, line: MetadataLine, name: str) -> tuple[Parts, Path] | None:
+    """(parts, full path) of a path a metadata line names (file_name or a reference), or None when it is not
+    inside the metadata file's folder (absolute, with "..", or empty)."""
+    rel = PurePosixPath(name.replace("\\", "/"))
+    if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+        return None
+    parts = (*line.folder, *rel.parts)
+    return parts, scan.root.joinpath(*parts)
+
+
+def _not_an_image(full: Path) -> bool:
+    return os.path.splitext(full.name)[1].lower() not in IMAGE_EXTENSIONS or os.path.isdir(full)
 
 
 def metadata_captions(scan, lines: list[MetadataLine], reference_files, listed):
@@ -116,11 +130,11 @@ def _target(scan, line: MetadataLine, mine: dict, reference_files) -> Parts | No
         scan.note(severity, code, line.path, message, fix, line.number)
 
     file_name = line.entry.file_name
-    name = PurePosixPath(file_name.replace("\\", "/"))
-    if name.is_absolute() or ".." in name.parts or not name.parts:
+    found = _in_folder(scan, line, file_name)
+    if found is None:
         return bad("metadata_bad_file_name", f"file_name {file_name!r} is not inside the folder",
                    "use a path relative to the folder that holds the metadata file")
-    target, full = (*line.folder, *name.parts), scan.root.joinpath(*line.folder, *name.parts)
+    target, full = found
     if target in reference_files:
         return bad("metadata_skipped_file", f"file_name {file_name!r} is a reference image, never a training "
                    "target: this caption is not used", "remove the line, or rename the file if it is a target "
@@ -128,8 +142,7 @@ def _target(scan, line: MetadataLine, mine: dict, reference_files) -> Parts | No
     if target not in scan.images and not os.path.lexists(full):
         return bad("metadata_missing_file", f"file_name {file_name!r} does not exist",
                    "fix the name or remove the line")
-    if target not in scan.images and (os.path.splitext(name.name)[1].lower() not in IMAGE_EXTENSIONS
-                                      or os.path.isdir(full)):
+    if target not in scan.images and _not_an_image(full):
         return bad("metadata_not_image", f"file_name {file_name!r} is not a supported image",
                    "point it at a .png/.jpg/.webp image or remove the line")
     if target not in scan.images:

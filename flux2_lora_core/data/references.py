@@ -69,4 +69,3 @@ def find_references(images, folder_files: dict[Parts, list[str]], listed: set[Pa
 
 def _stem(parts: Parts) -> str:
     return os.path.splitext(parts[-1])[0]
-

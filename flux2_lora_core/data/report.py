@@ -35,7 +35,10 @@ CODES = {  # code -> heading, in the order format_text shows them
     "caption_too_long": "captions over max_caption_tokens", "missing_caption": "images without a caption",
     "empty_caption": "empty captions", "long_caption": "long captions",
     "orphan_caption": "captions without an image", "orphan_reference": "reference images without a target",
-    "mixed_references": "images without reference images among edit pairs", "duplicate_image": "duplicate images",
+    "mixed_references": "images without reference images among edit pairs",
+    "reference_cropped": "reference images shaped unlike their image",
+    "references_left_out": "reference images left out (references off)", "duplicate_image": "duplicate images",
+    "link_outside": "links leading outside the allowed folders",
     "animated_image": "animated or multi-page images", "unsupported_image": "unsupported image formats",
     "large_repeats": "very large repeat counts", "folder_seen_twice": "folders reached twice",
 }

@@ -59,7 +59,8 @@ class _Checked:
     caption_error: DatasetError | None = None
 
 
-def _check_image(path, out: _Checked) -> _Checked:
+def _check_image(path) -> _Checked:
+    out = _Checked()
     try:
         out.info = probe_image(path)
         out.digest = verify_image_file(path, out.info)
@@ -71,7 +72,7 @@ def _check_image(path, out: _Checked) -> _Checked:
 
 
 def _check(item) -> _Checked:
-    out = _check_image(item.image_path, _Checked())
+    out = _check_image(item.image_path)
     if item.caption_source is not None:
         try:
             out.caption = item.caption_source.peek(CAPTION_PEEK_BYTES)
@@ -108,7 +109,7 @@ def validate_dataset(source, *, strict: bool = False, min_images: int = 1, resol
     refs = list(dict.fromkeys(ref for item in dataset.items for ref in item.references))  # one check per file
     with ThreadPoolExecutor(max_workers=WORKERS) as pool:
         checked = list(pool.map(_check, dataset.items))
-        ref_checked = dict(zip(refs, pool.map(lambda ref: _check_image(ref, _Checked()), refs)))
+        ref_checked = dict(zip(refs, pool.map(_check_image, refs)))
     tally = _Tally(dataset, max_caption_tokens, text_conditioning, resolution)
     for item, result in zip(dataset.items, checked):
         tally.add_item(item, result, ref_checked)

@@ -11,6 +11,16 @@ from . import lora_keys
 LYCORIS = ("lokr_", "hada_")   # peft's (and LyCORIS's) parameter-name prefixes of LoKr and LoHa
 
 
+def is_lycoris(keys) -> bool:
+    """Whether these state keys hold a LoKr or LoHa."""
+    return any(key.rpartition(".")[2].startswith(LYCORIS) for key in keys)
+
+
+def is_dora(keys) -> bool:
+    """Whether these state keys hold a DoRA (ComfyUI's dora_scale or peft's magnitudes)."""
+    return any(key.endswith((".dora_scale", ".lora_magnitude_vector")) for key in keys)
+
+
 def dora_split(state: dict[str, torch.Tensor], fmt: str):
     """(the LoRA's A/B entries, {peft module: ComfyUI dora_scale (out,)}) of a canonical state. A DoRA LoRA is
     written in ComfyUI's form only, from training.lora.comfyui_dora's scales (they need the base weights)."""

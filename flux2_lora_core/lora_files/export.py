@@ -37,7 +37,7 @@ import torch
 from .. import __version__
 from ..errors import ConfigError, ExportError
 from . import lora_keys
-from .adapter_keys import LYCORIS, dora_split, lycoris_keys
+from .adapter_keys import dora_split, is_dora, is_lycoris, lycoris_keys
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def to_format(state: dict[str, torch.Tensor], *, fmt: str, rank: int, alpha: flo
     entries (`<module>.dora_scale`, see adapter_keys.dora_split) become ComfyUI's `<layer>.dora_scale`, (out, 1); a LoKr or
     LoHa is written by adapter_keys.lycoris_keys."""
     _check(fmt, rank, alpha)
-    if any(key.rpartition(".")[2].startswith(LYCORIS) for key in state):
+    if is_lycoris(state):
         return lycoris_keys(state, fmt, rank, alpha)
     state, scales = dora_split(state, fmt)
     modules = _modules(state)
@@ -311,10 +311,10 @@ def read_lora(path) -> tuple[dict[str, torch.Tensor], int, float, dict[str, str]
     except (SafetensorError, OSError, ValueError) as exc:
         raise ExportError(f"{path}: not a readable .safetensors file ({exc}); LoRAs are read from safetensors "
                           "only (never unpickled): convert .ckpt/.pt files elsewhere first") from None
-    if any(k.endswith((".dora_scale", ".lora_magnitude_vector")) for k in tensors):
+    if is_dora(tensors):
         raise ExportError(f"{path}: a DoRA LoRA: it cannot be converted or continued here (its dora_scale depends "
                           "on the base weights it was trained on); use it in ComfyUI as it is")
-    if any(k.rpartition(".")[2].startswith(LYCORIS) for k in tensors):
+    if is_lycoris(tensors):
         raise ExportError(f"{path}: a LoKr or LoHa: it cannot be converted or continued here (only LoRAs can); use "
                           "it in ComfyUI as it is")
     fmt = _layout(path, tensors)

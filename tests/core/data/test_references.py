@@ -12,15 +12,13 @@ import pytest
 
 from flux2_lora_core.config import Config
 from flux2_lora_core.data import screen, validate_data
-from flux2_lora_core.data.captions import parse_metadata_entry, parse_metadata_line
+from flux2_lora_core.data.captions import parse_metadata_entry
 from flux2_lora_core.data.dataset import Dataset, load_dataset
 from flux2_lora_core.data.validation import validate_dataset
 
+from .test_dataset import names
+
 pytestmark = pytest.mark.timeout(60)
-
-
-def names(ds: Dataset) -> list[str]:
-    return [ds.relative_path(item) for item in ds]
 
 
 def refs(ds: Dataset) -> dict[str, list[str]]:
@@ -139,10 +137,12 @@ def test_bad_metadata_references_are_errors_with_their_line(tmp_path, make_image
     assert not report.usable and "metadata references that cannot be used" in report.format_text()
 
 
-def test_parse_metadata_line_keeps_its_two_values(tmp_path):
+def test_a_metadata_entry_keeps_its_references_apart_from_its_caption(tmp_path):
     raw = b'{"file_name": "a.png", "text": "t", "references": ["r.png"]}\n'
-    assert parse_metadata_line(raw) == ("a.png", "t")
+    assert parse_metadata_entry(raw)[:2] == ("a.png", "t")
     assert parse_metadata_entry(raw).references == ("r.png",)
+    assert parse_metadata_entry(b'{"file_name": "a.png", "text": "t", "reference": 3}').references_error == \
+        '"reference" is not a string (a path)'
     assert parse_metadata_entry(b'{"file_name": "a.png", "text": "t"}').references is None
 
 

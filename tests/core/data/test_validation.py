@@ -222,6 +222,20 @@ def test_problem_order_is_errors_first_then_by_code(hostile_dataset):
     assert all(isinstance(p, Problem) and p.code in validation.CODES for p in problems)
 
 
+def test_every_code_the_scan_and_validation_write_has_a_heading():
+    """A code missing from CODES is shown raw and sorted last: every literal code written by a note()/add() call in
+    the data package is a key of it."""
+    import re
+    from pathlib import Path
+
+    import flux2_lora_core.data as data
+
+    calls = re.compile(r'\b(?:note|add)\(\s*"(?:error|warning)",\s*"([a-z_]+)"')
+    used = {code for path in Path(data.__file__).parent.glob("*.py") for code in calls.findall(path.read_text())}
+    assert {"link_outside", "reference_cropped", "references_left_out", "bad_reference"} <= used
+    assert used <= validation.CODES.keys(), used - validation.CODES.keys()
+
+
 def test_an_unexpected_failure_on_one_file_is_reported_not_raised(tmp_path, make_image, write_text, monkeypatch):
     make_image(tmp_path / "a.png", (600, 600))
     make_image(tmp_path / "b.png", (600, 600))
