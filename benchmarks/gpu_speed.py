@@ -44,6 +44,7 @@ from flux2_lora_core.models import shipped_config  # noqa: E402
 from flux2_lora_core.models.quantized_linear import quantize_transformer  # noqa: E402
 from flux2_lora_core.models.tiny_models import tiny_transformer_config  # noqa: E402
 from flux2_lora_core.training import trainer  # noqa: E402
+from flux2_lora_core.training.memory_plan import tokens as sequence_length  # noqa: E402
 from flux2_lora_core.training.model_setup import prepare_model  # noqa: E402
 from flux2_lora_core.training.flow_matching import PositionIds  # noqa: E402
 from flux2_lora_core.training.lora import add_lora, trainable_parameters  # noqa: E402
@@ -88,7 +89,7 @@ def linear_parameters(model) -> int:
 
 
 def step_flops(config: dict, n_linear: int, resolution: int, batch: int, references: int = 0) -> float:
-    tokens = (1 + references) * (resolution // PIXELS_PER_TOKEN) ** 2 + TEXT_TOKENS
+    tokens = sequence_length(resolution, TEXT_TOKENS, 1 + references)
     d_model = config["num_attention_heads"] * config["attention_head_dim"]
     blocks = config["num_layers"] + config["num_single_layers"]
     return batch * (4 * n_linear * tokens + 3 * 4 * tokens ** 2 * d_model * blocks)

@@ -253,8 +253,8 @@ class TrainConfig(_Section):
                                    "the step); 0: each step reads its own", min=0)
     seed: int = option(42, "seed for LoRA init, data order, noise and timesteps: same seed, same run")
     log_every: int = option(10, "write metrics (and the gradient norm) every N steps", min=1)
-    validate_every: int = option(100, "measure the validation loss every N steps (and at the end), when "
-                                 "data.validation_split holds images out", min=1)
+    validate_every: int = option(100, "measure the validation loss every N steps (and at each checkpoint and the "
+                                 "end), when images are held out", min=1)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 Widget names are the config keys; a `lora_` / `sample_` / `checkpoint_` prefix names the section where the key
 alone would be ambiguous (`sample_steps` is sample.steps, `steps` is train.steps), so an error about `sample.steps`
-points at one widget. The widgets added after the first seventeen are optional inputs with the engine's defaults:
+points at one widget. One exception: `validation_folder` is data.validation_path (a folder picked like Load
+Dataset's); it and `init_from` are resolved into ComfyUI's folders by `sections`. The widgets added after the first seventeen are optional inputs with the engine's defaults:
 graphs saved before them, and API prompts that leave them out, keep working and train as before.
 
 Presets (the CLI's --preset, config.PRESETS): a widget still at its default takes the preset's value; a widget the
@@ -78,7 +79,7 @@ def inputs() -> list:
         io.Combo.Input("init_from", options=lora_choices(), default=NEW_LORA, optional=True, tooltip="lora.init_from: continue training a LoRA from models/loras (ComfyUI, diffusers or kohya keys; one this pack saved, or another trainer's). Its rank and alpha replace the widgets'; its layers start as trained. Its layers must be among `targets`."),
         io.Float.Input("ema_decay", default=0.0, min=0.0, max=0.9999, step=0.001, round=False, optional=True, advanced=True, tooltip="train.ema_decay: also keep a moving average of the LoRA weights (0.99-0.999), often smoother than the last step; Save LoRA's `weights` picks it. 0: off."),
         io.Float.Input("validation_split", default=0.0, min=0.0, max=0.5, step=0.01, optional=True, tooltip="data.validation_split: fraction of the images held out of training; their loss at fixed noise is measured every validate_every steps, drawn in red on the live chart, and picks the best checkpoint. 0.1-0.2 with 20+ images; 0: off."),
-        io.Int.Input("validate_every", default=100, min=1, max=1000000, optional=True, tooltip="train.validate_every: measure the held-out loss every N steps (and at the end)."),
+        io.Int.Input("validate_every", default=100, min=1, max=1000000, optional=True, tooltip="train.validate_every: measure the held-out loss every N steps (and at each checkpoint and the end)."),
         io.Combo.Input("lora_type", options=["lora", "dora", "lokr", "loha"], default="lora", optional=True, advanced=True, tooltip="lora.type: lora (default); dora: a trained magnitude per output row as well (weight-decomposed LoRA), often closer to full fine-tuning at the same rank; lokr / loha: LyCORIS's Kronecker / Hadamard-product adapters. Each is saved in keys ComfyUI's LoRA loader reads; dora, lokr and loha need a bf16/fp32 base (no quantization)."),
         io.String.Input("validation_folder", default="", optional=True, tooltip="data.validation_path: a folder of held-out images with captions in ComfyUI's input directory (like Load Dataset's folder), scored every validate_every steps instead of validation_split. Empty: none."),
     ]
@@ -86,7 +87,8 @@ def inputs() -> list:
 
 def sections(widgets: dict, defaults: dict) -> dict:
     """{section: {key: value}} for the config, from the widgets' values (`defaults` fills those a prompt left out),
-    the preset applied to the widgets still at their default (see the module doc)."""
+    the preset applied to the widgets still at their default (see the module doc); init_from and
+    validation_folder resolved to paths inside models/loras and the dataset folders (refused outside them)."""
     values = {**defaults, **widgets}
     preset = PRESETS.get(values.pop("preset", "none"), {})
     widget_of = {key: widget for widget, key in KEYS.items()}

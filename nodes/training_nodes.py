@@ -238,7 +238,7 @@ class SaveLora(io.ComfyNode):
             category=CATEGORY,
             description="Copies the run's LoRA (ComfyUI-native keys, with its metadata) into models/loras, where LoraLoader lists it at once. Never overwrites a file.",
             inputs=[Run.Input("run"), io.String.Input("filename", default="flux2_lora"),
-                    io.Combo.Input("weights", options=list(WEIGHTS), default="final", optional=True, tooltip="final: the weights of the last step; moving average: the run's average of its last steps (Configure LoRA's ema_decay must have been on).")],
+                    io.Combo.Input("weights", options=WEIGHTS, default="final", optional=True, tooltip="final: the weights of the last step; moving average: the run's average of its last steps (Configure LoRA's ema_decay must have been on).")],
             outputs=[io.String.Output(display_name="path")],
             is_output_node=True,
         )
@@ -254,13 +254,15 @@ class SaveLora(io.ComfyNode):
         return io.NodeOutput(str(path), ui=ui.PreviewText(f"saved as {path.name}: Load LoRA lists it under that name"))
 
 
-WEIGHTS = {"final": "", "moving average": "_ema"}   # Save LoRA's choice -> the run's file name suffix
+WEIGHTS = ["final", "moving average"]   # Save LoRA's choice: the run's LoRA, or its average (training.ema_lora_path)
 
 
 def run_lora_file(run: dict, weights: str) -> Path:
     """The run's LoRA file for Save LoRA's `weights`, inside ComfyUI's output directory."""
+    from ..flux2_lora_core.training import ema_lora_path
+
     lora = Path(inside_output(run["lora"], "run"))
-    path = lora.with_name(f"{lora.stem}{WEIGHTS[weights]}.safetensors")
+    path = lora if weights == "final" else ema_lora_path(lora)
     if not path.is_file() and weights != "final":
         raise ConfigError([("weights", f"the run {lora.parent.parent.name} kept no moving average: set ema_decay on "
                                        "Configure LoRA (e.g. 0.999) and train again, or save the final weights")])

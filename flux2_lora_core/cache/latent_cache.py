@@ -247,10 +247,10 @@ def _plan(dataset, settings, latents, summary):
 
     for item in dataset.items:
         rel = dataset.relative_path(item)
-        refs = tuple(dataset.relative_path(path) for path in getattr(item, "references", ()))
+        refs = tuple(dataset.relative_path(path) for path in item.references)
         try:
             digest, width, height = _image_hash(item.image_path, memo, rel)
-            ref_digests = [_image_hash(dataset.root / ref, memo, ref)[0] for ref in refs]
+            ref_digests = [_image_hash(path, memo, ref)[0] for path, ref in zip(item.references, refs)]
             caption = item.read_caption()
         except (Flux2LoraError, OSError) as exc:
             summary.skipped.append((rel, str(exc)))
@@ -262,8 +262,8 @@ def _plan(dataset, settings, latents, summary):
             bucket = buckets[resolution] = assign_bucket(width, height, bucket_lists[resolution])
             keys[resolution] = plan(item, digest, resolution, bucket)
             if refs:
-                ref_keys[resolution] = tuple(plan(DatasetItem(dataset.root / ref), ref_digest, resolution, bucket)
-                                             for ref, ref_digest in zip(refs, ref_digests))
+                ref_keys[resolution] = tuple(plan(DatasetItem(path), ref_digest, resolution, bucket)
+                                             for path, ref_digest in zip(item.references, ref_digests))
         items.append(CachedItem(rel, item.repeats, caption_key, buckets, keys, refs, ref_keys))
     live = {item.path for item in items} | {ref for item in items for ref in item.references}
     latents.extra["files"] = {rel: v for rel, v in memo.items() if rel in live}

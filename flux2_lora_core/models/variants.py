@@ -132,7 +132,10 @@ def judge_distilled(path, family: str, setting: str = "auto") -> tuple[bool, str
     if setting != "auto":
         return setting == "true", "model.distilled"
     where = Path(str(path or ""))
-    for index in (where / "model_index.json", where.parent.parent / "model_index.json"):
+    # The pipeline folder resolve_sources finds for model.path (the folder, or its transformer/ sub-folder's
+    # parent), or a file inside the transformer folder.
+    for folder in (where, where.parent, where.parent.parent):
+        index = folder / "model_index.json"
         if index.is_file():
             try:
                 return bool(json.loads(index.read_text(encoding="utf-8")).get("is_distilled", False)), index.name

@@ -6,6 +6,7 @@ from ..exports import lazy_exports
 __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "callbacks": ("PHASES", "Callbacks", "StepReport"),
     "distributed": ("Team", "follower", "join", "leave"),
+    "ema": ("ema_lora_path",),
     "lr_finder": ("run_range_test",),
     "memory_plan": ("SPEED_ORDER", "format_plan", "plan_for_variant", "plan_memory", "settings_summary"),
     "metrics": ("read_metrics",),

@@ -11,13 +11,18 @@ gathered whole to be written.
 from __future__ import annotations
 
 import logging
-import re
+from pathlib import Path
 
 import torch
 
 from .sharding import full, shard_like
 
 log = logging.getLogger(__name__)
+
+
+def ema_lora_path(lora_path: Path) -> Path:
+    """Where the run's averaged LoRA lies beside its LoRA file (what Save LoRA's "moving average" copies)."""
+    return lora_path.with_name(f"{lora_path.stem}_ema.safetensors")
 
 
 def make_ema(transformer, params: list[torch.nn.Parameter], decay: float):
@@ -27,16 +32,18 @@ def make_ema(transformer, params: list[torch.nn.Parameter], decay: float):
     from diffusers.training_utils import EMAModel
 
     ema = EMAModel(params, decay=decay, foreach=True)
-    ema.names = _peft_names(transformer)
+    ema.names = _peft_names(transformer, params)
     return ema
 
 
-def _peft_names(transformer) -> list[str]:
-    """The peft state-dict name of each trainable parameter, in parameter order (the adapter name dropped, as
-    get_peft_model_state_dict does)."""
-    return [re.sub(r"\.default(?=\.|$)", "", name.replace(".lora_magnitude_vector.default.weight",
-                                                             ".lora_magnitude_vector"))
-            for name, p in transformer.named_parameters() if p.requires_grad]   # LoKr/LoHa: "<module>.lokr_w1"
+def _peft_names(transformer, params) -> list[str]:
+    """The name peft's own get_peft_model_state_dict gives each of `params` (matched by identity, so neither
+    peft's renaming rules for LoRA, DoRA, LoKr or LoHa nor its key order are copied here)."""
+    from peft import get_peft_model_state_dict
+
+    named = {name: p for name, p in transformer.named_parameters() if p.requires_grad}
+    by_id = {id(tensor): name for name, tensor in get_peft_model_state_dict(transformer, state_dict=named).items()}
+    return [by_id[id(p)] for p in params]
 
 
 def ema_state(ema) -> dict[str, torch.Tensor]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from contextlib import nullcontext
 
 import torch
 
@@ -57,10 +58,9 @@ def reference_ids(count: int, height: int, width: int, device=None) -> torch.Ten
     """(count*h*w, 4) int64 rows (10 (i + 1), y, x, 0) for `count` reference grids of h x w, one after another:
     Flux2Pipeline._prepare_image_ids for one sample. References of an edit dataset are cached at their target's
     bucket, so every reference of a sample has the target's grid."""
-    one = torch.arange(1, device=device)
-    grid = [torch.arange(height, device=device), torch.arange(width, device=device), one]
-    return torch.cat([torch.cartesian_prod(torch.full((1,), REFERENCE_SCALE * (i + 1), device=device), *grid)
-                      for i in range(count)]) if count else torch.zeros((0, 4), dtype=torch.int64, device=device)
+    grid = image_ids(height, width, device).repeat(count, 1)           # (count*h*w, 4), time coordinate 0
+    grid[:, 0] = REFERENCE_SCALE * torch.arange(1, count + 1, device=device).repeat_interleave(height * width)
+    return grid
 
 
 class PositionIds:
@@ -197,9 +197,9 @@ def predict_velocity(transformer, x_t: torch.Tensor, prompt_embeds: torch.Tensor
         raise ValueError(f"this transformer needs {need}, got guidance={guidance!r}")
     b, c, h, w = x_t.shape
     tokens = pack_latents(x_t.to(prompt_embeds.dtype))  # (B, h*w, 128)
-    if references is not None and references.shape[1]:
+    if references is not None and references.shape[1]:   # (B, n, 128, h, w) -> (B, n*h*w, 128), one after another
         refs = references.to(prompt_embeds.dtype)
-        tokens = torch.cat([tokens, *(pack_latents(refs[:, i]) for i in range(refs.shape[1]))], dim=1)
+        tokens = torch.cat([tokens, pack_latents(refs.transpose(1, 2).flatten(2, 3))], dim=1)
     guidance_t = None if guidance is None else torch.full([b], float(guidance), device=x_t.device)  # (B,)
     out = transformer(hidden_states=tokens, encoder_hidden_states=prompt_embeds,  # (B, L, joint_dim)
                       timestep=sigmas.to(x_t.device), guidance=guidance_t,
@@ -245,3 +245,15 @@ def training_loss(transformer, x0: torch.Tensor, prompt_embeds: torch.Tensor, *,
     pred = predict_velocity(transformer, x_t, prompt_embeds, sigmas, img_ids=img_ids, txt_ids=txt_ids,
                             guidance=guidance, references=references)
     return flow_matching_loss(pred, velocity_target(x0, noise), sigmas, weighting)
+
+
+def session_loss(s, x0, text, noise, sigmas, refs) -> torch.Tensor:
+    """training_loss with a training session's (trainer.Session) position ids, guidance, loss weighting and
+    autocast: what the step (trainer.micro_step) and the validation loss (validation.py) both compute."""
+    t = s.config.train
+    img_ids, txt_ids = s.ids.get(x0.shape[2], x0.shape[3], text.shape[1], s.device,
+                                 references=0 if refs is None else refs.shape[1])
+    with torch.autocast(s.device.type, dtype=s.autocast_dtype) if s.autocast_dtype else nullcontext():
+        return training_loss(s.transformer, x0, text, noise=noise, sigmas=sigmas, img_ids=img_ids, txt_ids=txt_ids,
+                             guidance=t.guidance if s.variant.guidance_embeds else None, weighting=t.loss_weighting,
+                             references=refs)

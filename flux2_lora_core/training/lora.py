@@ -170,9 +170,8 @@ def load_initial_lora(transformer, state: dict[str, torch.Tensor], path, *, targ
         for key in [k for k in current if k.endswith(".lora_magnitude_vector")]:
             module = key[:-len(".lora_magnitude_vector")]
             layer = transformer.get_submodule(module)
-            delta = layer.scaling[adapter_name] * current[f"{module}.lora_B.weight"] @ current[f"{module}.lora_A.weight"]
-            weight = layer.get_base_layer().weight.float()
-            current[key] = (weight + delta.to(weight.device)).norm(dim=1).to(current[key].dtype)
+            current[key] = row_norms(layer, current[f"{module}.lora_B.weight"], current[f"{module}.lora_A.weight"],
+                                     layer.scaling[adapter_name]).to(current[key].dtype)
     set_peft_model_state_dict(transformer, current, adapter_name=adapter_name)
     layers = len({k.rsplit(".lora_", 1)[0] for k in state})
     fresh = len({k.rsplit(".lora_", 1)[0] for k in current}) - layers
@@ -188,6 +187,16 @@ def _has_module(model, name: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- DoRA for ComfyUI
+def row_norms(layer, lora_b=None, lora_a=None, scale: float = 1.0) -> torch.Tensor:
+    """(out,) float32 CPU: the row norms of a layer's base weight W, or of W + scale B A, computed where W lies
+    (on the GPU only the factors travel, and only the norms come back)."""
+    weight = getattr(layer, "base_layer", layer).weight.detach()
+    if lora_b is None:
+        return weight.float().norm(dim=1).cpu()
+    b, a = (t.to(weight.device, torch.float32) for t in (lora_b, lora_a))
+    return (weight.float() + scale * b @ a).norm(dim=1).cpu()
+
+
 def comfyui_dora(transformer, state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
     """A peft DoRA state made writable in ComfyUI's form: each layer's magnitude m replaced by the `dora_scale`
     ComfyUI's loader applies. peft computes m / ||W + dW|| (W + dW) row by row; ComfyUI computes
@@ -201,19 +210,14 @@ def comfyui_dora(transformer, state: dict[str, torch.Tensor], scale: float) -> d
         return state
     out = {k: v for k, v in state.items() if k not in magnitudes}
 
-    def base_rows(module: str) -> torch.Tensor:
-        layer = transformer.get_submodule(module)
-        weight = getattr(layer, "base_layer", layer).weight
-        return weight.detach().float().cpu()
-
     with torch.no_grad():
         for key in magnitudes:
             module = key[:-len(".lora_magnitude_vector")]
-            weight = base_rows(module)
-            delta = scale * state[f"{module}.lora_B.weight"].float() @ state[f"{module}.lora_A.weight"].float()
-            out[f"{module}.dora_scale"] = state[key].float() * weight.norm(dim=1) / (weight + delta).norm(dim=1)
+            layer = transformer.get_submodule(module)
+            merged = row_norms(layer, state[f"{module}.lora_B.weight"], state[f"{module}.lora_A.weight"], scale)
+            out[f"{module}.dora_scale"] = state[key].float().cpu() * row_norms(layer) / merged
             target = lora_keys.bfl_target(module)
             for sibling in (lora_keys.diffusers_modules(target.module) or {}).values():
                 if f"{sibling}.dora_scale" not in out and f"{sibling}.lora_magnitude_vector" not in state:
-                    out[f"{sibling}.dora_scale"] = base_rows(sibling).norm(dim=1)
+                    out[f"{sibling}.dora_scale"] = row_norms(transformer.get_submodule(sibling))
     return out

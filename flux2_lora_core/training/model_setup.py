@@ -1,6 +1,7 @@
 """The LoRA-wrapped transformer made ready to train as the config says: gradient checkpointing resolved (auto:
 from the memory plan and the device's free memory), blocks swapped, blocks compiled, train mode, mixed precision.
-Shared by the trainer and the GPU benchmark, so what the benchmark measures is what training runs."""
+Shared by the trainer and the GPU benchmark, so what the benchmark measures is what training runs. `hand_back`
+undoes all of it for a transformer the caller lent."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import logging
 import torch
 
 from ..errors import ConfigError
-from .block_swap import swap_blocks
+from .block_swap import swap_blocks, unswap_blocks
 from .optimization import mixed_precision
 
 log = logging.getLogger(__name__)
@@ -50,3 +51,16 @@ def prepare_model(config, transformer, device, dtype, references: int = 0) -> tu
             block.compile()
     transformer.train()
     return autocast_dtype, scaler
+
+
+def hand_back(transformer) -> None:
+    """A transformer the caller gave us goes back as it came: no adapter, no checkpointing, no swapped blocks,
+    no compiled blocks, eval mode. Compiled blocks left behind would keep graphs traced over the LoRA wrappers
+    that unload_lora removes: ComfyUI's sampler, or the next run, would call code guarding on modules gone."""
+    unswap_blocks(transformer, restore=True)
+    for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
+        vars(block).pop("_compiled_call_impl", None)   # what Module.compile() set; torch has no public undo
+    if getattr(transformer, "peft_config", None):
+        transformer.unload_lora()   # removes peft's wrapper layers too: the original modules and state-dict keys
+    transformer.disable_gradient_checkpointing()
+    transformer.eval()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .ema import ema_state
+from .ema import ema_lora_path, ema_state
 from .lora import comfyui_dora
 from .metrics import plot_training_curves
 from .state import save_checkpoint
@@ -28,7 +28,7 @@ def write_outputs(s) -> tuple[Path | None, Path | None]:
         return None, None
     lora_path = save_lora_file(s, lora=lora)
     if averaged:
-        save_lora_file(s, lora_path.with_name(f"{lora_path.stem}_ema.safetensors"), lora=averaged, averaged=True)
+        save_lora_file(s, ema_lora_path(lora_path), lora=averaged, averaged=True)
     curves = plot_training_curves(s.run_dir / "metrics.jsonl", s.run_dir / "training_curves.png",
                                   title=f"{s.config.output.name} ({s.variant.name})")
     return lora_path, curves

@@ -4,8 +4,9 @@ The prompts arrive as embeddings (from the latent cache, or encoded once at setu
 stays loaded; the VAE is borrowed only for the decode and released by its owner afterwards. The
 pipelines are built around the live transformer (LoRA applied), which is in eval mode only while
 sampling. [klein] base models sample with classifier-free guidance against the empty caption; [dev]
-takes guidance as an embedding. An edit LoRA's samples edit reference images (sample_references), given to the
-pipeline as its `image` argument: it encodes them and numbers their tokens as training did.
+takes guidance as an embedding. An edit LoRA's samples edit reference images (sample_prompts chooses them), fitted
+to the sample's size and given to the pipeline as its `image` argument: it encodes them and numbers their tokens
+as training did.
 """
 
 from __future__ import annotations
@@ -36,14 +37,37 @@ def build_pipeline(transformer, vae, family: str, distilled: bool = False):
     return Flux2Pipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, transformer=transformer)
 
 
-def sample_references(config, cache) -> list[tuple[Path, ...]]:
-    """The reference images each sample prompt edits (empty tuples for a text-to-image dataset): the captions'
-    own items' references when the samples use the first captions, else those of the first item that has any."""
+def sample_prompts(config, cache) -> tuple[list[str], list[torch.Tensor], list[tuple[Path, ...]]]:
+    """(prompts, their embeddings, the reference images each edits): sample.prompts (encoded by the cache build),
+    else the first captions. An edit dataset's samples edit the captions' own items' references, or for
+    sample.prompts those of the first item that has any; a text-to-image dataset's tuples are empty."""
     root = Path(config.data.path)
     if config.sample.prompts:
-        first = next((item.references for item in cache.items if item.references), ())
-        return [tuple(root / ref for ref in first)] * len(config.sample.prompts)
-    return [tuple(root / ref for ref in cache.items[i].references) for i in range(min(2, len(cache)))]
+        first = tuple(root / ref for ref in next((i.references for i in cache.items if i.references), ()))
+        return (list(config.sample.prompts), [cache.prompt(p) for p in config.sample.prompts],
+                [first] * len(config.sample.prompts))
+    chosen = range(min(2, len(cache)))
+    return ([cache.items[i].path for i in chosen], [cache.text(i) for i in chosen],
+            [tuple(root / ref for ref in cache.items[i].references) for i in chosen])
+
+
+def sample(s, callbacks) -> None:
+    """Samples of a training session's LoRA as it is now, saved under the run folder and reported to `callbacks`
+    (trainer.Session; every rank of a sharded base takes part, rank 0 saves)."""
+    c = s.config.sample
+    if not c.steps or not (s.ranks.main or s.sharded):  # sample.steps=0: off; other ranks help only a sharded base
+        return
+    callbacks.on_phase("sampling")
+    size = c.resolution or s.config.data.resolution[-1]
+    with s.encoders.vae() as vae:
+        images = generate(s.transformer, vae, s.variant.family, s.sample_embeds, s.cache.text(None), size=size,
+                          steps=c.steps, guidance=c.guidance, seed=c.seed, dtype=s.dtype, distilled=s.distilled,
+                          references=s.sample_references)
+    if not s.ranks.main:
+        return
+    paths = save_samples(images, s.run_dir / "samples", s.step)
+    s.samples += paths
+    callbacks.on_sample(s.step, paths)
 
 
 def _reference_images(paths, size: int) -> list | None:

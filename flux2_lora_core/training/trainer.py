@@ -18,7 +18,6 @@ import logging
 import math
 import time
 from collections import deque
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,17 +31,17 @@ from ..preflight import check_training_config
 from . import distributed
 from .block_swap import unswap_blocks
 from .callbacks import Callbacks, StepReport
-from .flow_matching import PositionIds, sample_sigmas, shift_sigmas, training_loss
+from .flow_matching import PositionIds, sample_sigmas, session_loss, shift_sigmas
 from .ema import make_ema
 from .lora import add_lora, load_initial_lora, read_initial_lora, trainable_parameters
 from .metrics import MetricsLog, step_profiler
-from .model_setup import prepare_model
+from .model_setup import hand_back, prepare_model
 from .optimization import make_optimizer
 from .outputs import write_outputs
 from .prefetch import Prefetcher, prefetcher_for
 from .run_folder import new_run_dir, write_run_json
 from .sharding import check_sharding, full, shard_transformer
-from .sampling import DISTILLED_STEPS
+from .sampling import DISTILLED_STEPS, sample, sample_prompts
 from .validation import validation_cache, validator_for
 from .state import save_checkpoint
 
@@ -98,14 +97,7 @@ class Session:
     distilled: bool = False                         # a step-distilled [klein] base (models.judge_distilled)
     validator: object = None                        # the held-out images' loss (validation.py), or None
     validation_loss: float | None = None            # its latest value: the best checkpoint is chosen by it
-
-
-def _sample_prompts(config: Config, cache) -> tuple[list[str], list[torch.Tensor]]:
-    """(prompts, embeddings): the configured prompts (encoded by the cache build), else the first captions."""
-    if config.sample.prompts:
-        return list(config.sample.prompts), [cache.prompt(p) for p in config.sample.prompts]
-    chosen = range(min(2, len(cache)))
-    return [cache.items[i].path for i in chosen], [cache.text(i) for i in chosen]
+    sample_references: list = field(default_factory=list)   # per sample prompt, the reference images it edits
 
 
 def setup(config: Config, callbacks: Callbacks, encoders=None, transformer=None, *, resume=None) -> Session:
@@ -133,7 +125,7 @@ def setup(config: Config, callbacks: Callbacks, encoders=None, transformer=None,
                                        prompts=config.sample.prompts,
                                        team=distributed.Team(ranks) if ranks.many else None)   # a share each
     held_cache = validation_cache(config, encoders, distributed.Team(ranks) if ranks.many else None)
-    prompts, embeds = _sample_prompts(config, cache)
+    prompts, embeds, references = sample_prompts(config, cache)
     if t.batch_size > 1:
         lengths = {i: cache.text_length(i) for i in range(len(cache))}
         common = cache.text_length(None)
@@ -178,17 +170,17 @@ def setup(config: Config, callbacks: Callbacks, encoders=None, transformer=None,
     try:
         if initial:
             load_initial_lora(transformer, initial, config.lora.init_from, targets=config.lora.targets)
-        session = _finish_setup(config, callbacks, cache, encoders, transformer, variant, targets, dtype, device,
-                                base_fingerprint, prompts, embeds, resume, ranks, held_cache)
-        session.distilled = distilled
-        return session
+        return _finish_setup(config, callbacks, cache, encoders, transformer, variant, targets, dtype, device,
+                             base_fingerprint, (prompts, embeds, references), resume, ranks, held_cache, distilled)
     except BaseException:
         hand_back(transformer) if given else release(transformer)
         raise
 
 
 def _finish_setup(config, callbacks, cache, encoders, transformer, variant, targets, dtype, device,
-                  base_fingerprint, prompts, embeds, resume, ranks=distributed.SINGLE, held_cache=None) -> Session:
+                  base_fingerprint, samples, resume, ranks=distributed.SINGLE, held_cache=None,
+                  distilled=False) -> Session:
+    """`samples`: (prompts, their embeddings, their reference images), sampling.sample_prompts."""
     from diffusers.optimization import get_scheduler
 
     data, t = config.data, config.train
@@ -209,8 +201,9 @@ def _finish_setup(config, callbacks, cache, encoders, transformer, variant, targ
     streams = {r: BatchStream(cache, r, t.batch_size * ranks.world, t.seed, exclude=held) for r in data.resolution}
     session = Session(config, run_dir, cache, encoders, transformer, variant, targets, optimizer, scheduler, scaler,
                       autocast_dtype, device, dtype, streams, torch.Generator("cpu").manual_seed(t.seed),
-                      PositionIds(), MetricsLog(None), prompts, embeds, base_fingerprint, ranks=ranks,
-                      sharded=sharded, ema=make_ema(transformer, params, t.ema_decay), validator=validator)
+                      PositionIds(), MetricsLog(None), samples[0], samples[1], base_fingerprint, ranks=ranks,
+                      sharded=sharded, ema=make_ema(transformer, params, t.ema_decay), distilled=distilled,
+                      validator=validator, sample_references=samples[2])
     if resume:
         from .state import restore
 
@@ -282,15 +275,9 @@ def micro_step(s: Session, indices: list[int], resolution: int, scale: float,
     noise = to_device(s, torch.randn((count, *x0.shape[1:]), generator=s.generator)[share], s.dtype)
     sigmas = sample_sigmas(count, method=t.timestep_sampling, generator=s.generator, logit_mean=t.logit_mean,
                            logit_std=t.logit_std)[share]                # (b,)
-    _, _, h, w = x0.shape
     if t.timestep_shift != "none":
-        sigmas = shift_sigmas(sigmas, h * w, mu_schedule=t.timestep_shift)
-    img_ids, txt_ids = s.ids.get(h, w, text.shape[1], s.device, references=0 if refs is None else refs.shape[1])
-    guidance = t.guidance if s.variant.guidance_embeds else None
-    autocast = (torch.autocast(s.device.type, dtype=s.autocast_dtype) if s.autocast_dtype else nullcontext())
-    with autocast:
-        loss = training_loss(s.transformer, x0, text, noise=noise, sigmas=to_device(s, sigmas), img_ids=img_ids,
-                             txt_ids=txt_ids, guidance=guidance, weighting=t.loss_weighting, references=refs)
+        sigmas = shift_sigmas(sigmas, x0.shape[2] * x0.shape[3], mu_schedule=t.timestep_shift)
+    loss = session_loss(s, x0, text, noise, to_device(s, sigmas), refs)
     weighted = loss * (mine / count)
     scaled = weighted * scale
     if s.sharded:   # reduce-scatter the gradients once per optimizer step, not after every micro-batch
@@ -328,25 +315,6 @@ def optimizer_step(s: Session, want_norm: bool) -> torch.Tensor | None:
 
 
 # ---------------------------------------------------------------------------------------------- the loop
-def sample(s: Session, callbacks: Callbacks) -> None:
-    from .sampling import generate, sample_references, save_samples
-
-    c = s.config.sample
-    if not c.steps or not (s.ranks.main or s.sharded):  # sample.steps=0: off; other ranks help only a sharded base
-        return
-    callbacks.on_phase("sampling")
-    size = c.resolution or s.config.data.resolution[-1]
-    with s.encoders.vae() as vae:
-        images = generate(s.transformer, vae, s.variant.family, s.sample_embeds, s.cache.text(None), size=size,
-                          steps=c.steps, guidance=c.guidance, seed=c.seed, dtype=s.dtype, distilled=s.distilled,
-                          references=sample_references(s.config, s.cache))
-    if not s.ranks.main:
-        return
-    paths = save_samples(images, s.run_dir / "samples", s.step)
-    s.samples += paths
-    callbacks.on_sample(s.step, paths)
-
-
 def train_loop(s: Session, callbacks: Callbacks) -> bool:
     """Run to train.steps; returns True when a stop request ended it early."""
     t, accumulation = s.config.train, s.config.train.gradient_accumulation
@@ -370,7 +338,10 @@ def train_loop(s: Session, callbacks: Callbacks) -> bool:
             step_loss = sum(micro_step(s, s.streams[resolution].next(), resolution, 1 / accumulation, batches,
                                        sync=i == accumulation - 1) for i in range(accumulation)) / accumulation
             s.step += 1
-            validate_now = s.validator is not None and (s.step % t.validate_every == 0 or s.step == t.steps)
+            checkpoint_now = s.config.checkpoint.every and s.step % s.config.checkpoint.every == 0
+            # A checkpoint keeps the validation loss of its own step: the "best" one is chosen by it.
+            validate_now = s.validator is not None and (s.step % t.validate_every == 0 or s.step == t.steps
+                                                        or bool(checkpoint_now))
             log_now = s.step % t.log_every == 0 or s.step == t.steps or validate_now
             norm = optimizer_step(s, want_norm=log_now)
             if validate_now and (s.ranks.main or s.sharded):   # a sharded base needs every rank's forward
@@ -378,7 +349,6 @@ def train_loop(s: Session, callbacks: Callbacks) -> bool:
             if profiler:
                 profiler.step()
             pending.append((s.step, step_loss, lr, time.perf_counter() - tick))
-            checkpoint_now = s.config.checkpoint.every and s.step % s.config.checkpoint.every == 0
             logged = ()
             if log_now or checkpoint_now:   # a checkpoint's metrics.jsonl must hold every step before it
                 batch, pending = pending, []
@@ -432,27 +402,14 @@ def _log(s: Session, pending, norm, validation_loss: float | None = None) -> lis
 def cleanup(s: Session, *, release_model: bool) -> None:
     s.metrics.close()
     s.cache.close()
-    if s.validator is not None and s.validator.cache is not None:
-        s.validator.cache.close()
+    if s.validator is not None:
+        s.validator.close()
     if release_model:
         unswap_blocks(s.transformer, restore=False)
         release(s.transformer)
     else:
         hand_back(s.transformer)
     free_memory()
-
-
-def hand_back(transformer) -> None:
-    """A transformer the caller gave us goes back as it came: no adapter, no checkpointing, no swapped blocks,
-    no compiled blocks, eval mode. Compiled blocks left behind would keep graphs traced over the LoRA wrappers
-    that unload_lora removes: ComfyUI's sampler, or the next run, would call code guarding on modules gone."""
-    unswap_blocks(transformer, restore=True)
-    for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
-        vars(block).pop("_compiled_call_impl", None)   # what Module.compile() set; torch has no public undo
-    if getattr(transformer, "peft_config", None):
-        transformer.unload_lora()   # removes peft's wrapper layers too: the original modules and state-dict keys
-    transformer.disable_gradient_checkpointing()
-    transformer.eval()
 
 
 def train(config: Config, callbacks: Callbacks | None = None, *, encoders=None, transformer=None,

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from contextlib import nullcontext
 
 import torch
 
 from ..errors import ConfigError
-from .flow_matching import training_loss
+from .flow_matching import session_loss
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +51,15 @@ class Validator:
         """`cache`: where the held-out images are (a validation folder's own); None: the training cache."""
         self.indices, self.resolution, self.seed, self.cache = indices, resolution, seed, cache
 
+    def close(self) -> None:
+        if self.cache is not None:   # a validation folder's own cache
+            self.cache.close()
+
     @torch.no_grad()
     def loss(self, s) -> float:
         """Mean loss over the held-out images and LEVELS, in eval mode (no LoRA dropout), as training computes it."""
-        t = s.config.train
         generator = torch.Generator("cpu").manual_seed(self.seed)   # the same noise at every evaluation
-        sigmas = torch.tensor(LEVELS)
-        autocast = torch.autocast(s.device.type, dtype=s.autocast_dtype) if s.autocast_dtype else nullcontext()
+        sigmas = torch.tensor(LEVELS, device=s.device)
         was_training = s.transformer.training
         s.transformer.eval()
         total = torch.zeros((), device=s.device)
@@ -72,13 +73,7 @@ class Validator:
                 refs = cache.references(index, self.resolution)                # (n, 128, h, w) or None
                 if refs is not None:
                     refs = refs.to(s.device, s.dtype)[None].expand(len(LEVELS), *refs.shape)
-                img_ids, txt_ids = s.ids.get(x0.shape[2], x0.shape[3], text.shape[1], s.device,
-                                             references=0 if refs is None else refs.shape[1])
-                with autocast:
-                    total += training_loss(s.transformer, x0, text, noise=noise.to(s.device, s.dtype),
-                                           sigmas=sigmas.to(s.device), img_ids=img_ids, txt_ids=txt_ids,
-                                           guidance=t.guidance if s.variant.guidance_embeds else None,
-                                           weighting=t.loss_weighting, references=refs).float()
+                total += session_loss(s, x0, text, noise.to(s.device, s.dtype), sigmas, refs).float()
         finally:
             s.transformer.train(was_training)
         return float(total) / len(self.indices)
@@ -97,14 +92,14 @@ def validator_for(config, cache, held_cache=None) -> tuple[Validator | None, lis
 
 
 def validation_cache(config, encoders, team=None):
-    """The validation folder's latent cache (None without data.validation_path): the same encoders, resolutions
-    and settings as the training data, one repeat, no flips; every image of it is scored."""
+    """The validation folder's latent cache (None without data.validation_path): the same encoders and settings as
+    the training data at the run's last resolution (the one scored), one repeat, no flips; every image is scored."""
     if not config.data.validation_path:
         return None
     from ..cache import cache_for_config
 
     held = config.replace(data={"path": config.data.validation_path, "validation_path": "", "repeats": 1,
-                                "flip": False, "trigger_word": config.data.trigger_word})
+                                "flip": False, "resolution": config.data.resolution[-1:]})   # the one scored
     cache, _ = cache_for_config(held, encoders=encoders, team=team)
     log.info("validation: %d images of %s", len(cache), config.data.validation_path)
     return cache

@@ -34,6 +34,7 @@ def test_a_diffusers_folder_is_judged_by_its_model_index(tmp_path):
         weights.write_bytes(b"")
         assert judge_distilled(folder, "klein") == (flag, "model_index.json")
         assert judge_distilled(weights, "klein") == (flag, "model_index.json")
+        assert judge_distilled(folder / "transformer", "klein") == (flag, "model_index.json")   # as resolve_sources
 
 
 def test_a_distilled_base_samples_in_four_steps_without_cfg():

@@ -33,6 +33,33 @@ def pipes():
     return {variant: build_tiny_pipeline(variant, seed=0) for variant in VARIANTS}
 
 
+def script_noise_levels(noise_scheduler_copy, model_input, weighting_scheme: str, generator: torch.Generator):
+    """(noise, u, timesteps, sigmas): the lines every FLUX.2 training script of diffusers shares (quoted), from
+    the noise draw to the sigmas, with its get_sigmas helper less its device moves."""
+    def get_sigmas(timesteps, n_dim=4, dtype=torch.float32):
+        sigmas = noise_scheduler_copy.sigmas.to(dtype=dtype)
+        schedule_timesteps = noise_scheduler_copy.timesteps
+        step_indices = [(schedule_timesteps == t).nonzero().item() for t in timesteps]
+        sigma = sigmas[step_indices].flatten()
+        while len(sigma.shape) < n_dim:
+            sigma = sigma.unsqueeze(-1)
+        return sigma
+
+    # noise = torch.randn_like(model_input)
+    noise = torch.randn(model_input.shape, generator=generator, dtype=model_input.dtype)
+    bsz = model_input.shape[0]
+    # u = compute_density_for_timestep_sampling(weighting_scheme=args.weighting_scheme, batch_size=bsz,
+    #     logit_mean=args.logit_mean, logit_std=args.logit_std, mode_scale=args.mode_scale)  (defaults 0, 1, 1.29)
+    u = compute_density_for_timestep_sampling(weighting_scheme=weighting_scheme, batch_size=bsz, logit_mean=0.0,
+                                              logit_std=1.0, mode_scale=1.29, generator=generator)
+    # indices = (u * noise_scheduler_copy.config.num_train_timesteps).long()
+    # timesteps = noise_scheduler_copy.timesteps[indices].to(device=model_input.device)
+    indices = (u * noise_scheduler_copy.config.num_train_timesteps).long()
+    timesteps = noise_scheduler_copy.timesteps[indices]
+    # sigmas = get_sigmas(timesteps, n_dim=model_input.ndim, dtype=model_input.dtype)
+    return noise, u, timesteps, get_sigmas(timesteps, n_dim=model_input.ndim, dtype=model_input.dtype)
+
+
 def script_step(pipe, pixel_values, prompt_embeds, *, weighting_scheme: str, generator: torch.Generator) -> dict:
     """The script's step, its own lines (quoted from SCRIPT), on the tiny pipeline's models.
 
@@ -52,15 +79,6 @@ def script_step(pipe, pixel_values, prompt_embeds, *, weighting_scheme: str, gen
     # text_ids = Flux2KleinPipeline._prepare_text_ids(prompt_embeds)
     text_ids = Pipe._prepare_text_ids(prompt_embeds)
 
-    def get_sigmas(timesteps, n_dim=4, dtype=torch.float32):  # the script's own helper, less its device moves
-        sigmas = noise_scheduler_copy.sigmas.to(dtype=dtype)
-        schedule_timesteps = noise_scheduler_copy.timesteps
-        step_indices = [(schedule_timesteps == t).nonzero().item() for t in timesteps]
-        sigma = sigmas[step_indices].flatten()
-        while len(sigma.shape) < n_dim:
-            sigma = sigma.unsqueeze(-1)
-        return sigma
-
     # model_input = vae.encode(pixel_values).latent_dist.mode()
     # model_input = Flux2KleinPipeline._patchify_latents(model_input)
     # model_input = (model_input - latents_bn_mean) / latents_bn_std
@@ -70,20 +88,8 @@ def script_step(pipe, pixel_values, prompt_embeds, *, weighting_scheme: str, gen
     model_input = (model_input - latents_bn_mean) / latents_bn_std
     # model_input_ids = Flux2KleinPipeline._prepare_latent_ids(model_input).to(device=model_input.device)
     model_input_ids = Pipe._prepare_latent_ids(model_input)
-    # noise = torch.randn_like(model_input)
-    noise = torch.randn(model_input.shape, generator=generator, dtype=model_input.dtype)
-    bsz = model_input.shape[0]
-    # u = compute_density_for_timestep_sampling(weighting_scheme=args.weighting_scheme, batch_size=bsz,
-    #     logit_mean=args.logit_mean, logit_std=args.logit_std, mode_scale=args.mode_scale)  (defaults 0, 1, 1.29)
-    u = compute_density_for_timestep_sampling(weighting_scheme=weighting_scheme, batch_size=bsz, logit_mean=0.0,
-                                              logit_std=1.0, mode_scale=1.29, generator=generator)
-    # indices = (u * noise_scheduler_copy.config.num_train_timesteps).long()
-    # timesteps = noise_scheduler_copy.timesteps[indices].to(device=model_input.device)
-    indices = (u * noise_scheduler_copy.config.num_train_timesteps).long()
-    timesteps = noise_scheduler_copy.timesteps[indices]
-    # sigmas = get_sigmas(timesteps, n_dim=model_input.ndim, dtype=model_input.dtype)
+    noise, u, timesteps, sigmas = script_noise_levels(noise_scheduler_copy, model_input, weighting_scheme, generator)
     # noisy_model_input = (1.0 - sigmas) * model_input + sigmas * noise
-    sigmas = get_sigmas(timesteps, n_dim=model_input.ndim, dtype=model_input.dtype)
     noisy_model_input = (1.0 - sigmas) * model_input + sigmas * noise
     # packed_noisy_model_input = Flux2KleinPipeline._pack_latents(noisy_model_input)
     packed_noisy_model_input = Pipe._pack_latents(noisy_model_input)

@@ -12,11 +12,13 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Pipeline
-from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+from diffusers.training_utils import compute_loss_weighting_for_sd3
 
 from flux2_lora_core.cache.encoding import encode_images
 from flux2_lora_core.models.tiny_models import VARIANTS, build_tiny_pipeline
 from flux2_lora_core.training import flow_matching as fm
+
+from .test_flow_matching import script_noise_levels
 
 GUIDANCE = 3.5  # the script's --guidance_scale default
 
@@ -37,15 +39,6 @@ def script_step(pipe, pixel_values, cond_pixel_values, prompt_embeds, *, weighti
     latents_bn_std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
     text_ids = Flux2Pipeline._prepare_text_ids(prompt_embeds)
 
-    def get_sigmas(timesteps, n_dim=4, dtype=torch.float32):
-        sigmas = noise_scheduler_copy.sigmas.to(dtype=dtype)
-        schedule_timesteps = noise_scheduler_copy.timesteps
-        step_indices = [(schedule_timesteps == t).nonzero().item() for t in timesteps]
-        sigma = sigmas[step_indices].flatten()
-        while len(sigma.shape) < n_dim:
-            sigma = sigma.unsqueeze(-1)
-        return sigma
-
     # model_input = vae.encode(pixel_values).latent_dist.mode()
     # cond_model_input = vae.encode(cond_pixel_values).latent_dist.mode()
     with torch.no_grad():
@@ -65,14 +58,8 @@ def script_step(pipe, pixel_values, cond_pixel_values, prompt_embeds, *, weighti
     model_input_ids = Flux2Pipeline._prepare_latent_ids(model_input)
     cond_model_input_ids = Flux2Pipeline._prepare_image_ids([cond_model_input[0:1]])
     cond_model_input_ids = cond_model_input_ids.expand(cond_model_input.shape[0], -1, -1)
-    # noise = torch.randn_like(model_input)
-    noise = torch.randn(model_input.shape, generator=generator, dtype=model_input.dtype)
-    bsz = model_input.shape[0]
-    u = compute_density_for_timestep_sampling(weighting_scheme=weighting_scheme, batch_size=bsz, logit_mean=0.0,
-                                              logit_std=1.0, mode_scale=1.29, generator=generator)
-    indices = (u * noise_scheduler_copy.config.num_train_timesteps).long()
-    timesteps = noise_scheduler_copy.timesteps[indices]
-    sigmas = get_sigmas(timesteps, n_dim=model_input.ndim, dtype=model_input.dtype)
+    # noise ... sigmas = get_sigmas(...): the lines the text-to-image scripts have too
+    noise, _, timesteps, sigmas = script_noise_levels(noise_scheduler_copy, model_input, weighting_scheme, generator)
     noisy_model_input = (1.0 - sigmas) * model_input + sigmas * noise
     # packed_noisy_model_input = Flux2Pipeline._pack_latents(noisy_model_input)
     # packed_cond_model_input = Flux2Pipeline._pack_latents(cond_model_input)

@@ -13,15 +13,7 @@ from flux2_lora_core.errors import ConfigError
 from flux2_lora_core.training import Callbacks, trainer
 from flux2_lora_core.training.validation import held_out
 
-from .test_trainer import make_config
-
-
-class Reports(Callbacks):
-    def __init__(self):
-        self.validation: dict[int, float | None] = {}
-
-    def on_step(self, report):
-        self.validation[report.step] = report.validation_loss
+from .test_trainer import Recorder, make_config
 
 
 @pytest.fixture(scope="module")
@@ -47,18 +39,27 @@ def test_held_out_images_are_fixed_by_the_seed_and_never_trained_on(workspace, t
         held_out(s.cache, 0.9, 42)
 
 
-def test_a_run_logs_plots_reports_and_checkpoints_its_validation_loss(workspace, tmp_path):
-    reports = Reports()
-    result = trainer.train(make_config(workspace, tmp_path, "data.validation_split=0.25", "train.validate_every=2",
+def test_a_run_logs_plots_reports_and_checkpoints_its_validation_loss(workspace, tmp_path, monkeypatch):
+    from flux2_lora_core.training import metrics
+
+    figures, new_figure = [], metrics.new_figure
+    monkeypatch.setattr(metrics, "new_figure", lambda *a: figures.append(new_figure(*a)) or figures[-1])
+    reports = Recorder()
+    result = trainer.train(make_config(workspace, tmp_path, "data.validation_split=0.25", "train.validate_every=3",
                                        "train.steps=5", "sample.steps=0", "checkpoint.every=2", "train.log_every=5"),
                            reports)
-    measured = {step: v for step, v in reports.validation.items() if v is not None}
-    assert sorted(measured) == [2, 4, 5] and all(v > 0 for v in measured.values())   # every 2 steps, and the end
+    measured = {r.step: r.validation_loss for r in reports.reports if r.validation_loss is not None}
+    # every 3 steps, at each checkpoint (every 2: a checkpoint keeps its own step's loss) and at the end
+    assert sorted(measured) == [2, 3, 4, 5] and all(v > 0 for v in measured.values())
     rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert {r["step"]: r["validation_loss"] for r in rows if "validation_loss" in r} == pytest.approx(measured, rel=1e-5)
     state = json.loads((result.run_dir / "checkpoints" / "step_000004" / "state.json").read_text())
     assert state["validation_loss"] == measured[4]
     assert (result.run_dir / "training_curves.png").stat().st_size > 0
+    (figure,) = figures                                                   # the curves' loss panel: a red line
+    (line,) = [ln for ax in figure.axes for ln in ax.get_lines() if ln.get_label() == "validation (held out)"]
+    assert list(line.get_xdata()) == sorted(measured)
+    assert list(line.get_ydata()) == pytest.approx([measured[k] for k in sorted(measured)], rel=1e-5)
 
 
 def test_a_validation_folder_is_cached_on_its_own_and_scored_whole(workspace, tmp_path):
