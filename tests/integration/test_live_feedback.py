@@ -87,7 +87,7 @@ def test_training_sends_live_events_with_phases_losses_samples_and_a_summary(com
     models, listener = setup
     steps = 16
     prompt_id = listener.queue(graph(name="live", steps=steps, checkpoint_every=4, validation_split=0.34,
-                                     validate_every=8))   # 1 of the 3 images held out, scored at steps 8 and 16
+                                     validate_every=8))   # 1 of the 3 images held out, scored at every checkpoint
     entry = comfyui.wait(prompt_id)
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"], indent=1)[-6000:]
 
@@ -103,7 +103,7 @@ def test_training_sends_live_events_with_phases_losses_samples_and_a_summary(com
         assert e["total"] == e["steps"] == steps and e["lr"] == pytest.approx(1e-3)
         assert e["seconds_per_step"] > 0 and e["eta_seconds"] >= 0 and e["peak_memory_mb"] > 0
     held = [point for e in train for point in e["validation"]]
-    assert [step for step, _ in held] == [8, 16] and all(v > 0 for _, v in held)
+    assert [step for step, _ in held] == [4, 8, 12, 16] and all(v > 0 for _, v in held)   # checkpoints: each 4
     assert train[-1]["validation_loss"] == held[-1][1]
     losses = [point for e in train for point in e["losses"]]
     assert [s for s, _ in losses] == list(range(1, steps + 1))          # every step's loss, once, in order
